@@ -1,0 +1,204 @@
+"""Hugging Face GPT-2 checkpoints in and out, and loading any checkpoint for inference.
+
+HF's GPT-2 stores its four projections as Conv1D, weight (in, out): they are transposed to nn.Linear's (out, in).
+Everything else maps one to one, since our module names are HF's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from nanogpt2.model import GPT, GPTConfig
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_BUFFERS = ("attn.bias", "attn.masked_bias")  # causal-mask buffers of older transformers versions
+HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation, two names
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable, or not of the model that wants it."""
+
+
+def hf_cache_dirs() -> list[Path]:
+    """Where Hugging Face keeps downloaded models on this machine."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return [Path(os.environ["HF_HUB_CACHE"])]
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    return [hf_home / "hub"]
+
+
+def resolve_hf_dir(name_or_path: str | Path) -> Path:
+    """A checkpoint directory, or a model name ("gpt2", "openai-community/gpt2") looked up in the local HF cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    candidates = [name] if "/" in name else [name, f"openai-community/{name}"]
+    looked = []
+    for cache in hf_cache_dirs():
+        for repo in candidates:
+            snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
+            looked.append(str(snapshots))
+            found = (
+                sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime) if snapshots.is_dir() else []
+            )
+            if found:
+                return found[-1].parent
+    raise CheckpointError(
+        f"no checkpoint directory {name!r} and no cached copy of it (looked in {', '.join(looked)}); "
+        f"download it where a network is at hand, e.g. `huggingface-cli download openai-community/{name}`, "
+        "or pass the directory holding config.json and model.safetensors"
+    )
+
+
+def read_hf_config(hf_dir: Path, **overrides) -> GPTConfig:
+    """Our config for a HF GPT-2 config.json; raises CheckpointError for features we do not implement."""
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{hf_dir} has no config.json: not a Hugging Face checkpoint directory")
+    hf = json.loads(config_path.read_text())
+    if hf.get("model_type") != "gpt2":
+        raise CheckpointError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
+    unsupported = {
+        "activation_function": (hf.get("activation_function", "gelu_new") not in HF_ACTIVATIONS),
+        "layer_norm_epsilon": abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12,
+        "n_inner": hf.get("n_inner") not in (None, 4 * hf["n_embd"]),
+        "scale_attn_weights": not hf.get("scale_attn_weights", True),
+        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
+        "add_cross_attention": hf.get("add_cross_attention", False),
+    }
+    bad = [f"{key}={hf.get(key)!r}" for key, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise CheckpointError(f"{config_path}: unsupported GPT-2 settings {', '.join(bad)}")
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+    )
+    return GPTConfig(**{**fields, **overrides})
+
+
+def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of model.safetensors (preferred) or pytorch_model.bin."""
+    if (hf_dir / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(hf_dir / "model.safetensors")
+    if (hf_dir / "pytorch_model.bin").is_file():
+        return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise CheckpointError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
+
+
+def load_hf_gpt2(name_or_path: str | Path, **overrides) -> GPT:
+    """A GPT with the weights of a HF GPT-2 checkpoint (GPT2LMHeadModel or GPT2Model), loaded offline."""
+    hf_dir = resolve_hf_dir(name_or_path)
+    config = read_hf_config(hf_dir, **overrides)
+    hf_state = read_hf_state_dict(hf_dir)
+    state = {}
+    for key, tensor in hf_state.items():
+        key = key.removeprefix("transformer.")
+        if key.endswith(HF_BUFFERS) or key == "lm_head.weight":
+            continue
+        state[f"transformer.{key}"] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
+    if "lm_head.weight" in hf_state and not torch.equal(
+        hf_state["lm_head.weight"], state.get("transformer.wte.weight")
+    ):
+        raise CheckpointError(f"{hf_dir}: lm_head is not tied to wte, which GPT-2 requires")
+    model = GPT(config)
+    wte = state.get("transformer.wte.weight")
+    if wte is not None and config.padded_vocab_size > wte.shape[0]:  # pad the vocab rows, padding never targeted
+        state["transformer.wte.weight"] = torch.cat(
+            [wte, wte.new_zeros(config.padded_vocab_size - wte.shape[0], wte.shape[1])]
+        )
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{hf_dir}: weights do not match GPT-2: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{hf_dir}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state, strict=False)  # lm_head.weight is wte.weight
+    return model
+
+
+def save_hf_gpt2(model: GPT, path: str | Path) -> None:
+    """Write `model` as a HF GPT-2 directory (config.json + model.safetensors); only plain GPT-2s can be."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    unsupported = {
+        "pos_emb": cfg.pos_emb != "learned",
+        "n_kv_head": cfg.n_kv_head != cfg.n_head,
+        "window": cfg.window is not None,
+    }
+    bad = [f"{key}={getattr(cfg, key)!r}" for key, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise CheckpointError(
+            f"Hugging Face's GPT-2 cannot express {', '.join(bad)}; save a nanogpt2 checkpoint instead"
+        )
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        tensor = tensor.detach().float().cpu()
+        if key == "transformer.wte.weight":
+            tensor = tensor[: cfg.vocab_size]
+        state[key] = (tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor).contiguous()
+    if not cfg.bias:  # GPT-2 always has biases; zeros are exactly a model without them
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and name != "lm_head":
+                state[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
+    hf_config = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "torch_dtype": "float32",
+    }
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides) -> GPT:
+    """A model for inference from a HF directory or cached name, or a nanogpt2 checkpoint file or output directory."""
+    path = Path(path)
+    ckpt_file = path / "ckpt.pt" if path.is_dir() else path
+    if path.is_file() or ckpt_file.is_file():
+        try:
+            ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+            config = GPTConfig(**{**ckpt["config"], **overrides})
+            model = GPT(config)
+            model.load_state_dict(ckpt["model"])
+        except (OSError, RuntimeError, KeyError, TypeError, EOFError) as err:
+            raise CheckpointError(f"cannot load checkpoint {ckpt_file}: {err}") from None
+    else:
+        model = load_hf_gpt2(path, **overrides)
+    return model.to(device)

@@ -1,0 +1,312 @@
+"""GPT-2 in one file, with three switchable attention variants.
+
+- Rotary positions (`pos_emb="rope"`): no position table; q and k are rotated by position (rotate-half convention).
+- Grouped-query attention (`n_kv_head < n_head`): each K/V head serves `n_head // n_kv_head` query heads.
+- Sliding-window attention (`window=W`): query i attends keys i - W < j <= i.
+
+Module names follow Hugging Face's GPT-2 (transformer.wte/wpe/h/ln_f, attn.c_attn/c_proj, mlp.c_fc/c_proj, lm_head),
+so a checkpoint maps by a short table (nanogpt2/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.reference import apply_rope_ref
+
+POS_EMBS = ("learned", "rope")
+ATTN_IMPLS = ("torch", "triton")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # training context; rope models can also run longer sequences
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None: as many as n_head (multi-head attention)
+    n_embd: int = 768
+    pos_emb: str = "learned"  # "learned" (GPT-2's wpe table) or "rope"
+    rope_base: float = 10000.0
+    window: int | None = None  # sliding-window attention over this many keys, itself included
+    dropout: float = 0.0
+    bias: bool = True
+    attn: str = "torch"  # attention/RoPE implementation: "torch" (SDPA) or "triton" (kernels/)
+    vocab_pad_multiple: int = 1  # pad the embedding rows to a multiple of this (64 gives 50304, faster on GPU)
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "vocab_pad_multiple")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.pos_emb not in POS_EMBS:
+            raise ValueError(f"GPTConfig.pos_emb must be one of {POS_EMBS}, got {self.pos_emb!r}")
+        if self.pos_emb == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(f"GPTConfig.n_embd / n_head must be even with rope, got head dim {self.head_dim}")
+        if self.rope_base <= 1:
+            raise ValueError(f"GPTConfig.rope_base must be > 1, got {self.rope_base}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"GPTConfig.window must be None or an integer >= 1, got {self.window!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.attn not in ATTN_IMPLS:
+            raise ValueError(f"GPTConfig.attn must be one of {ATTN_IMPLS}, got {self.attn!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        """The named preset (see PRESETS), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768)
+PRESETS: dict[str, dict] = {
+    "gpt2": _GPT2_SMALL,  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "gpt2-rope": dict(_GPT2_SMALL, pos_emb="rope"),
+    "gpt2-gqa": dict(_GPT2_SMALL, n_kv_head=4),
+    "gpt2-swa": dict(_GPT2_SMALL, window=256),
+    "gpt2-all": dict(_GPT2_SMALL, pos_emb="rope", n_kv_head=4, window=256),
+    # Small models that train usefully on a 2-core CPU in minutes (the 50k-vocab logits dominate their cost).
+    "nano": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),
+    "pico": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
+}
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim/2) fp32 of the rotary angles pos * base**(-2i/head_dim) for positions (T,)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (T, D/2), in fp64 so long positions stay exact
+    return angles.cos().float(), angles.sin().float()
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None,
+    impl: str,
+    dropout_p: float = 0.0,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention; q (B, T, H, D), k/v (B, S, Hkv, D) -> (B, T, H, D).
+
+    Without positions, queries and keys are the same T tokens (training). With q_pos (T,) and k_pos (S,), as a KV
+    cache gives them, query i sees key j when k_pos[j] <= q_pos[i] and q_pos[i] - window < k_pos[j]; k_pos < 0 marks
+    an empty cache slot.
+    """
+    if impl == "triton" and q_pos is None and dropout_p == 0.0:
+        from kernels import flash_attention
+
+        return flash_attention(q, k, v, causal=True, window=window)
+    mask = None
+    if q_pos is not None:
+        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)  # (T, S)
+        if window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - window
+    elif window is not None and window < q.shape[1]:
+        i = torch.arange(q.shape[1], device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # (T, T) band
+    gqa = {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2),  # (B, H, T, D)
+        k.transpose(1, 2),  # (B, Hkv, S, D)
+        v.transpose(1, 2),
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        is_causal=mask is None and q_pos is None,
+        **gqa,
+    )  # (B, H, T, D)
+    return y.transpose(1, 2)  # (B, T, H, D)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        kv_dim = config.n_kv_head * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)  # q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, kv_cache=None, layer=0, positions=None):
+        B, T, C = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        if rope is not None:
+            q, k = apply_rope(q, k, *rope, self.config.attn)
+        q_pos = k_pos = None
+        if kv_cache is not None:
+            k, v, k_pos = kv_cache.update(layer, k, v, positions)  # (B, S, Hkv, D), (B, S, Hkv, D), (S,)
+            q_pos = positions
+        dropout_p = self.config.dropout if self.training else 0.0
+        y = attend(q, k, v, self.config.window, self.config.attn, dropout_p, q_pos, k_pos)  # (B, T, H, D)
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
+
+
+def apply_rope(q, k, cos, sin, impl: str):
+    """Rotate q (B, T, H, D) and k (B, T, Hkv, D) with the Triton kernel or the PyTorch reference."""
+    if impl == "triton":
+        from kernels import apply_rope as apply_rope_triton
+
+        return apply_rope_triton(q, k, cos, sin)
+    return apply_rope_ref(q, k, cos, sin)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, kv_cache=None, layer=0, positions=None):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, layer, positions)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        modules = dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        )
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.pos_emb == "rope":
+            cos, sin = rope_cos_sin(torch.arange(config.block_size), config.head_dim, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # residual projections, scaled as in GPT-2
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """Number of parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight plus attention's scores and values (PaLM appendix B), causal."""
+        cfg = self.config
+        n_weights = self.num_params() - (self.transformer.wpe.weight.numel() if cfg.pos_emb == "learned" else 0)
+        visible = min(seq_len, cfg.window or seq_len)  # keys a query sees, at most
+        return 6 * n_weights + 6 * cfg.n_layer * cfg.n_embd * visible
+
+    def _rope(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos/sin (T, D/2) for positions start..start+T-1, from the table or computed past block_size."""
+        if self.config.pos_emb != "rope":
+            return None
+        if start + T <= self.rope_cos.shape[0]:
+            return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        return rope_cos_sin(torch.arange(start, start + T, device=device), self.config.head_dim, self.config.rope_base)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None):
+        """idx (B, T) token ids -> (logits (B, T, padded_vocab), loss or None).
+
+        With targets (B, T), the loss is the mean cross-entropy (targets < 0 are ignored). With a KV cache
+        (nanogpt2/sample.py), idx continues the tokens the cache has seen.
+        """
+        B, T = idx.shape
+        start = kv_cache.seen if kv_cache is not None else 0
+        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_emb == "learned":
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            x = x + self.transformer.wpe(positions)  # (T, C), broadcast over the batch
+        x = self.transformer.drop(x)
+        rope = self._rope(start, T, idx.device)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, rope, kv_cache, layer, positions)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only; fused on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> GPT:
+        """Load a Hugging Face GPT-2 checkpoint: a directory, or a model name found in the local HF cache."""
+        from nanogpt2.checkpoint import load_hf_gpt2
+
+        return load_hf_gpt2(path, **overrides)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads (config.json + safetensors)."""
+        from nanogpt2.checkpoint import save_hf_gpt2
+
+        save_hf_gpt2(self, path)

@@ -16,7 +16,8 @@ import torch.nn as nn
 from nanogpt2.model import GPT, GPTConfig
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_BUFFERS = ("attn.bias", "attn.masked_bias")  # causal-mask buffers of older transformers versions
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers versions
+EOT_TOKEN = 50256  # <|endoftext|> in the GPT-2 vocabulary
 HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation, two names
 
 
@@ -177,8 +178,8 @@ def save_hf_gpt2(model: GPT, path: str | Path) -> None:
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": EOT_TOKEN if cfg.vocab_size > EOT_TOKEN else None,
+        "eos_token_id": EOT_TOKEN if cfg.vocab_size > EOT_TOKEN else None,
         "torch_dtype": "float32",
     }
     out = Path(path)

@@ -1,0 +1,261 @@
+"""The model against references nobody here wrote: HF transformers' GPT-2 and a naive masked softmax."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from kernels.reference import flash_attention_ref
+from nanogpt2.checkpoint import CheckpointError, load_model
+from nanogpt2.model import GPT, PRESETS, GPTConfig, attend
+from nanogpt2.sample import KVCache, generate
+
+VARIANTS = {
+    "base": {},
+    "rope": dict(pos_emb="rope"),
+    "gqa": dict(n_kv_head=2),
+    "mqa": dict(n_kv_head=1),
+    "swa": dict(window=5),
+    "all": dict(pos_emb="rope", n_kv_head=2, window=7),
+}
+
+
+def hf_checkpoint(tmp_path, safe: bool = True, **shape) -> tuple:
+    """A randomly initialised HF GPT-2 saved to tmp_path, and the HF model itself (eval mode, fp32).
+
+    safe=False writes the older pytorch_model.bin format (HF's state dict, pickled) instead of model.safetensors.
+    """
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=0, **shape)).eval()
+    hf.save_pretrained(tmp_path)
+    if not safe:
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    return tmp_path, hf
+
+
+HF_SHAPES = [
+    dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4),
+    dict(vocab_size=257, n_positions=64, n_embd=48, n_layer=3, n_head=3),
+    dict(vocab_size=50257, n_positions=128, n_embd=64, n_layer=1, n_head=2),
+]
+
+
+@pytest.mark.parametrize("shape", HF_SHAPES, ids=lambda s: f"L{s['n_layer']}-C{s['n_embd']}-V{s['vocab_size']}")
+def test_logits_and_loss_match_hf(tmp_path, shape):
+    path, hf = hf_checkpoint(tmp_path, **shape)
+    model = GPT.from_pretrained(path).eval()
+    idx = torch.randint(0, shape["vocab_size"], (2, shape["n_positions"]))
+    with torch.no_grad():
+        ref = hf(idx, labels=idx)
+        logits, loss = model(idx[:, :-1], idx[:, 1:])  # HF shifts the labels itself
+        full_logits, _ = model(idx)
+    assert (full_logits - ref.logits).abs().max() <= 1e-4
+    assert abs(loss.item() - ref.loss.item()) <= 1e-4
+
+
+def test_loads_pytorch_model_bin(tmp_path):
+    path, hf = hf_checkpoint(tmp_path, safe=False, **HF_SHAPES[0])
+    assert (path / "pytorch_model.bin").is_file()
+    idx = torch.randint(0, 101, (1, 16))
+    with torch.no_grad():
+        assert (GPT.from_pretrained(path).eval()(idx)[0] - hf(idx).logits).abs().max() <= 1e-4
+
+
+def test_padded_vocab_loads_and_matches(tmp_path):
+    path, hf = hf_checkpoint(tmp_path, **HF_SHAPES[0])
+    model = GPT.from_pretrained(path, vocab_pad_multiple=64).eval()
+    assert model.transformer.wte.weight.shape[0] == 128
+    idx = torch.randint(0, 101, (1, 16))
+    with torch.no_grad():
+        assert (model(idx)[0][..., :101] - hf(idx).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_save_pretrained_round_trips_through_transformers(tmp_path, bias):
+    torch.manual_seed(1)
+    model = GPT(
+        GPTConfig(vocab_size=97, block_size=24, n_layer=2, n_head=2, n_embd=32, bias=bias, vocab_pad_multiple=8)
+    )
+    model.eval().save_pretrained(tmp_path)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        assert (model(idx)[0][..., :97] - hf(idx).logits).abs().max() <= 1e-4
+        reloaded = GPT.from_pretrained(tmp_path).eval()
+        assert (reloaded(idx)[0] - hf(idx).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["rope", "gqa", "swa"])
+def test_save_pretrained_refuses_what_gpt2_cannot_express(tmp_path, variant):
+    model = GPT(GPTConfig(vocab_size=97, block_size=24, n_layer=1, n_head=4, n_embd=32, **VARIANTS[variant]))
+    with pytest.raises(CheckpointError, match="cannot express"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_from_pretrained_name_not_cached_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"looked in .*models--gpt2.*huggingface-cli download"):
+        GPT.from_pretrained("gpt2")
+
+
+def test_from_pretrained_name_resolves_through_hf_cache(tmp_path, monkeypatch):
+    snapshot = tmp_path / "models--openai-community--gpt2" / "snapshots" / "abc123"
+    hf_checkpoint(snapshot, **HF_SHAPES[0])
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert GPT.from_pretrained("gpt2").config.n_layer == 2
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    path, _ = hf_checkpoint(tmp_path, **HF_SHAPES[0])
+    (path / "config.json").write_text((path / "config.json").read_text().replace('"gpt2"', '"llama"'))
+    with pytest.raises(CheckpointError, match="model_type"):
+        GPT.from_pretrained(path)
+
+
+def test_load_model_reads_a_hf_directory(tmp_path):
+    path, _ = hf_checkpoint(tmp_path, **HF_SHAPES[0])
+    assert load_model(path).config.n_embd == 32
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)],
+)
+def test_preset_parameter_counts_match_gpt2(name, params):
+    with torch.device("meta"):
+        assert GPT(GPTConfig.from_preset(name)).num_params() == params
+
+
+def test_variant_presets():
+    with torch.device("meta"):
+        base = GPT(GPTConfig.from_preset("gpt2")).num_params()
+        assert GPT(GPTConfig.from_preset("gpt2-rope")).num_params() == base - 1024 * 768  # no wpe
+        assert GPT(GPTConfig.from_preset("gpt2-gqa")).num_params() == base - 12 * 2 * (768 - 4 * 64) * (768 + 1)
+        assert GPT(GPTConfig.from_preset("gpt2-swa")).num_params() == base
+        assert GPTConfig.from_preset("gpt2-all").window == 256
+        assert GPT(GPTConfig.from_preset("gpt2", vocab_pad_multiple=64)).transformer.wte.weight.shape[0] == 50304
+    assert set(PRESETS) >= {"gpt2", "gpt2-rope", "gpt2-gqa", "gpt2-swa", "gpt2-all", "nano", "pico"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_embd=100, n_head=3), "n_embd"),
+        (dict(n_head=4, n_kv_head=3), "n_kv_head"),
+        (dict(window=0), "window"),
+        (dict(window=-3), "window"),
+        (dict(n_embd=12, n_head=4, pos_emb="rope"), "head dim 3"),
+        (dict(pos_emb="alibi"), "pos_emb"),
+        (dict(attn="cuda"), "attn"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(vocab_size=-1), "vocab_size"),
+        (dict(rope_base=1.0), "rope_base"),
+    ],
+)
+def test_bad_configs_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{"n_embd": 64, "n_head": 4, **kwargs})
+
+
+def test_unknown_preset_is_rejected():
+    with pytest.raises(ValueError, match="unknown preset 'gpt3'"):
+        GPTConfig.from_preset("gpt3")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("T", [1, 9, 33])
+def test_sdpa_path_matches_naive_reference(variant, T):
+    cfg = GPTConfig(n_head=4, n_embd=64, **{k: v for k, v in VARIANTS[variant].items() if k != "pos_emb"})
+    q = torch.randn(2, T, 4, 16, dtype=torch.float64)
+    k = torch.randn(2, T, cfg.n_kv_head, 16, dtype=torch.float64)
+    v = torch.randn(2, T, cfg.n_kv_head, 16, dtype=torch.float64)
+    out = attend(q, k, v, cfg.window, "torch")
+    ref = flash_attention_ref(q, k, v, causal=True, window=cfg.window)
+    assert (out - ref).abs().max() <= 1e-10
+
+
+def make_model(variant: str, block_size: int = 16) -> GPT:
+    """A tiny model of the variant with large random weights, so that its samples are diverse."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=97, block_size=block_size, n_layer=2, n_head=4, n_embd=32, **VARIANTS[variant])
+    model = GPT(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_generation_equals_recomputing(variant, temperature):
+    model = make_model(variant)
+    idx = torch.randint(0, 97, (2, 5))
+    # 30 new tokens: past the window (5, 7) and past block_size (16), where learned positions recompute.
+    cached = generate(model, idx, 30, temperature, use_cache=True, generator=torch.Generator().manual_seed(3))
+    plain = generate(model, idx, 30, temperature, use_cache=False, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(cached, plain)
+    if temperature:
+        assert len(set(cached[0].tolist())) > 10  # a collapsed model would make this test vacuous
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cache_logits_match_full_forward(variant):
+    """Feeding a sequence token by token (and in chunks) through the cache gives the full forward's logits."""
+    model = make_model(variant, block_size=40)
+    idx = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        full, _ = model(idx)
+        for chunks in ([1] * 40, [11, 3, 1, 25]):
+            cache = KVCache(model.config, 2, 40, torch.float32, idx.device)
+            start, pieces = 0, []
+            for n in chunks:
+                pieces.append(model(idx[:, start : start + n], kv_cache=cache)[0])
+                start += n
+            assert (torch.cat(pieces, dim=1) - full).abs().max() <= 1e-4
+
+
+def test_cache_holds_only_kv_heads_and_window():
+    cfg = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, window=8)
+    cache = KVCache(cfg, batch=1, capacity=64, dtype=torch.float32, device="cpu")
+    assert cache.k.shape == (2, 1, 8, 2, 8)  # (layers, B, window, Hkv, D)
+    assert KVCache.bytes_per_token(cfg, torch.bfloat16) == 2 * 2 * 2 * 8 * 2
+
+
+def test_rope_runs_past_block_size():
+    model = make_model("rope", block_size=8)
+    with torch.no_grad():
+        logits, _ = model(torch.randint(0, 97, (1, 20)))
+    assert logits.shape == (1, 20, 97) and torch.isfinite(logits).all()
+
+
+def test_learned_positions_refuse_past_block_size():
+    with pytest.raises(ValueError, match="exceeds block_size 16"):
+        make_model("base")(torch.randint(0, 97, (1, 17)))
+
+
+def test_training_step_reduces_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32, **VARIANTS["all"])).train()
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    idx = (torch.arange(16)[None, :] * 3 + torch.arange(4)[:, None] * 11) % 97  # (4, 16) learnable progressions
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert all((p.dim() >= 2) == (id(p) in decayed) for p in model.parameters())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+def test_hf_parity_on_cuda(tmp_path):
+    path, hf = hf_checkpoint(tmp_path, **HF_SHAPES[1])
+    idx = torch.randint(0, 257, (2, 64), device="cuda")
+    with torch.no_grad():
+        ours = load_model(path, device="cuda").eval()(idx)[0]
+        assert (ours - hf.cuda()(idx).logits).abs().max() <= 1e-3

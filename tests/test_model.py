@@ -259,3 +259,21 @@ def test_hf_parity_on_cuda(tmp_path):
     with torch.no_grad():
         ours = load_model(path, device="cuda").eval()(idx)[0]
         assert (ours - hf.cuda()(idx).logits).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_attention_matches_torch_in_the_model(variant):
+    """attn="triton" (flash attention + RoPE kernels) gives the loss and gradients of attn="torch"."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_embd=64, **VARIANTS[variant])
+    models = {impl: GPT(GPTConfig(attn=impl, **shape)).to(DEVICE) for impl in ("torch", "triton")}
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    idx = torch.randint(0, 97, (2, 40), device=DEVICE)
+    results = {}
+    for impl, model in models.items():
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        results[impl] = (loss.item(), {n: p.grad for n, p in model.named_parameters()})
+    assert abs(results["triton"][0] - results["torch"][0]) <= 1e-5
+    for name, grad in results["torch"][1].items():
+        assert (results["triton"][1][name] - grad).abs().max() <= 1e-5, name

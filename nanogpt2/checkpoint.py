@@ -203,3 +203,47 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
     else:
         model = load_hf_gpt2(path, **overrides)
     return model.to(device)
+
+
+# Training checkpoints (train.py): everything a run needs to continue exactly where it stopped.
+
+TRAIN_CKPT = "ckpt.pt"
+TRAIN_CKPT_KEYS = ("model", "optimizer", "config", "step", "loader", "rng", "args")
+
+
+def save_training_checkpoint(out_dir: str | Path, state: dict) -> Path:
+    """Write `state` (TRAIN_CKPT_KEYS, and more) to out_dir/ckpt.pt atomically.
+
+    The temp file is fsynced before os.replace, so a process killed at any moment, mid-save included, leaves either
+    the previous checkpoint or the new one, never a torn file.
+    """
+    path = Path(out_dir) / TRAIN_CKPT
+    tmp = path.with_name(f".{TRAIN_CKPT}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    return path
+
+
+def load_training_checkpoint(out_dir: str | Path) -> dict:
+    """The training checkpoint in out_dir, checked to hold every key a resumed run needs."""
+    out_dir = Path(out_dir)
+    path = out_dir / TRAIN_CKPT
+    if not out_dir.is_dir():
+        raise CheckpointError(f"cannot resume: {out_dir} is not a directory")
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {out_dir} holds no checkpoint ({TRAIN_CKPT})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types on a torn or foreign file; all mean the same here
+        raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint ({type(err).__name__})") from None
+    missing = [k for k in TRAIN_CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"cannot resume: {path} is not a training checkpoint (missing {', '.join(missing)})")
+    return ckpt

@@ -1,0 +1,166 @@
+"""Triton flash attention against the float64 reference: outputs, gradients, GQA, windows, strides, torch.compile."""
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from kernels import apply_rope, flash_attention
+from kernels.reference import apply_rope_ref, flash_attention_ref
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    """Poison every tensor the ops allocate with torch.empty, so an element the kernel never writes shows as NaN."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def make_qkv(B, T, H, Hkv, D, dtype, layout, seed=0):
+    """Random q (B, T, H, D), k, v (B, T, Hkv, D) as leaves with gradients, in one of three memory layouts.
+
+    "qkv": split views of one fused (B, T, (H + 2 Hkv) * D) projection; "bhtd": transposes of (B, heads, T, D)
+    tensors; "contiguous": three separate tensors.
+    """
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    shapes = [(B, T, H, D), (B, T, Hkv, D), (B, T, Hkv, D)]
+    if layout == "qkv":
+        fused = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g, device=DEVICE, dtype=dtype)
+        parts = fused.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        tensors = [p.view(s) for p, s in zip(parts, shapes)]
+    elif layout == "bhtd":
+        tensors = [torch.randn(b, h, t, d, generator=g, device=DEVICE, dtype=dtype).transpose(1, 2) for b, t, h, d in shapes]
+    else:
+        tensors = [torch.randn(s, generator=g, device=DEVICE, dtype=dtype) for s in shapes]
+    return [t.detach().requires_grad_() for t in tensors]
+
+
+def assert_matches_ref(out, ref, ref_lowp, factor=2.0, atol=1e-3):
+    """Flash-attention's criterion: |out - ref| <= factor * |ref_lowp - ref| + atol (max norms) in fp16/bf16,
+    where ref is computed in float64 and ref_lowp in out's dtype; plain tolerances in fp32."""
+    assert torch.isfinite(out).all(), "the kernel left NaN/inf (unwritten) elements"
+    err = (out.double() - ref).abs().max().item()
+    if out.dtype == torch.float32:
+        assert err <= 2e-5 + 1e-5 * ref.abs().max().item(), f"fp32 max error {err:.3g}"
+    else:
+        base = (ref_lowp.double() - ref).abs().max().item()
+        assert err <= factor * base + atol, f"max error {err:.3g} > {factor} * {base:.3g} + {atol}"
+
+
+def attention_and_grads(fn, q, k, v, dout, causal, window):
+    out = fn(q, k, v, causal=causal, window=window)
+    return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+CASES = [
+    # (B, T, H, Hkv, D, causal, window, dtype, layout): every T/group/window/head-dim/dtype/layout case appears at
+    # least once; T mostly not a multiple of the block.
+    (2, 1, 4, 4, 64, True, None, torch.float32, "contiguous"),
+    (2, 17, 4, 2, 32, True, None, torch.bfloat16, "qkv"),
+    (1, 113, 6, 2, 64, True, None, torch.float16, "qkv"),
+    (1, 113, 6, 1, 64, True, 7, torch.float32, "qkv"),
+    (1, 255, 4, 4, 16, True, 64, torch.bfloat16, "bhtd"),
+    (1, 130, 2, 2, 128, True, 1, torch.bfloat16, "qkv"),
+    (2, 100, 3, 1, 32, True, 100, torch.float32, "qkv"),
+    (1, 77, 4, 2, 64, True, 500, torch.float16, "contiguous"),
+    (1, 300, 3, 3, 64, True, 150, torch.bfloat16, "qkv"),
+    (1, 256, 4, 1, 64, True, None, torch.bfloat16, "qkv"),
+    (1, 200, 4, 2, 64, False, None, torch.bfloat16, "qkv"),
+    (2, 65, 2, 1, 128, False, None, torch.float32, "bhtd"),
+    (1, 97, 6, 3, 16, False, None, torch.float16, "bhtd"),
+    (1, 1000, 2, 1, 64, True, 256, torch.bfloat16, "qkv"),
+    (1, 4097, 1, 1, 32, True, 130, torch.float32, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, causal, window, dtype, layout", CASES)
+def test_matches_reference(B, T, H, Hkv, D, causal, window, dtype, layout):
+    q, k, v = make_qkv(B, T, H, Hkv, D, dtype, layout)
+    dout = torch.randn(B, T, H, D, device=DEVICE, dtype=dtype)
+    got = attention_and_grads(flash_attention, q, k, v, dout, causal, window)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_and_grads(flash_attention_ref, q64, k64, v64, dout.double(), causal, window)
+    ref_lowp = attention_and_grads(flash_attention_ref, q, k, v, dout, causal, window)
+    for name, g, r, r_lowp in zip(("out", "dq", "dk", "dv"), got, ref, ref_lowp):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        assert_matches_ref(g, r, r_lowp, factor=3.0 if name == "dq" else 2.0)
+
+
+def test_gqa_backward_is_deterministic():
+    q, k, v = make_qkv(1, 150, 6, 2, 32, torch.float32, "qkv")
+    dout = torch.randn(1, 150, 6, 32, device=DEVICE)
+    first = attention_and_grads(flash_attention, q, k, v, dout, True, 40)
+    second = attention_and_grads(flash_attention, q, k, v, dout, True, 40)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the rows before the checked ones do read the NaN keys
+def test_window_never_reads_keys_outside_the_band():
+    """Keys far before the window of the last rows are NaN: those rows (and their dq) must still come out right."""
+    T, W, first_row = 600, 64, 500
+    q, k, v = make_qkv(1, T, 2, 1, 32, torch.float32, "contiguous")
+    dout = torch.zeros(1, T, 2, 32, device=DEVICE)
+    dout[:, first_row:] = torch.randn(1, T - first_row, 2, 32, device=DEVICE)
+    ref = attention_and_grads(flash_attention_ref, q, k, v, dout, True, W)
+    far = first_row - W - 256  # beyond any tile (<= 128 rows) that the last rows' programs may touch
+    with torch.no_grad():
+        k[:, :far] = float("nan")
+        v[:, :far] = float("nan")
+    out = flash_attention(q, k, v, causal=True, window=W)
+    (dq,) = torch.autograd.grad(out, (q,), dout)
+    torch.testing.assert_close(out[:, first_row:], ref[0][:, first_row:], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(dq[:, first_row:], ref[1][:, first_row:], atol=2e-5, rtol=1e-5)
+
+
+def test_compiled_matches_eager():
+    B, T, H, Hkv, D = 2, 70, 4, 2, 32
+    q, k, v = make_qkv(B, T, H, Hkv, D, torch.float32, "qkv")
+    pos = torch.arange(T, device=DEVICE, dtype=torch.float32)[:, None]
+    angles = pos / 10000 ** (torch.arange(D // 2, device=DEVICE) / (D // 2))  # (T, D/2)
+    cos, sin = angles.cos(), angles.sin()
+    dout = torch.randn(B, T, H, D, device=DEVICE)
+
+    def block(q, k, v, rope, attention):
+        q, k = rope(q, k, cos, sin)
+        return attention(q, k, v, causal=True, window=33) * 2.0
+
+    def run(fn, *ops):
+        out = fn(q, k, v, *ops)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    compiled = torch.compile(block, fullgraph=True)
+    got = run(compiled, apply_rope, flash_attention)
+    eager = run(block, apply_rope, flash_attention)
+    ref = run(block, apply_rope_ref, flash_attention_ref)
+    for g, e, r in zip(got, eager, ref):
+        torch.testing.assert_close(g, e)
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-5)
+
+
+def test_rejects_bad_inputs(monkeypatch):
+    q, k, v = (t.detach() for t in make_qkv(1, 8, 4, 2, 32, torch.float32, "contiguous"))
+    bad = {
+        "window without causal": dict(causal=False, window=4),
+        "window < 1": dict(window=0),
+        "H not a multiple of Hkv": dict(q=q[:, :, :3]),
+        "head dim 24": dict(q=q[..., :24], k=k[..., :24], v=v[..., :24]),
+        "k/v shape mismatch": dict(v=v[:, :7]),
+        "3-D q": dict(q=q[0]),
+        "dtype mismatch": dict(k=k.half()),
+        "float64": dict(q=q.double(), k=k.double(), v=v.double()),
+        "last stride 2": dict(q=torch.randn(1, 8, 4, 64, device=DEVICE)[..., ::2]),
+        "device mismatch": dict(v=v.to("meta")),
+    }
+    for case, kwargs in bad.items():
+        args = dict(q=q, k=k, v=v, causal=True, window=None) | kwargs
+        with pytest.raises(ValueError):
+            flash_attention(**args)
+            pytest.fail(f"accepted {case}")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        flash_attention(q.cpu(), k.cpu(), v.cpu())

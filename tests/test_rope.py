@@ -1,0 +1,108 @@
+"""Triton RoPE against the float64 reference: outputs and gradients of q and k, GQA, strided views, bad inputs."""
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from kernels import apply_rope
+from kernels.reference import apply_rope_ref
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    """Poison every tensor the op allocates with torch.empty, so an element the kernel never writes shows as NaN."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def make_qk(B, T, H, Hkv, D, dtype, layout):
+    """Random q (B, T, H, D) and k (B, T, Hkv, D) leaves: views of a fused qkv projection, transposes of
+    (B, heads, T, D) tensors, or contiguous tensors."""
+    if layout == "qkv":
+        fused = torch.randn(B, T, (H + 2 * Hkv) * D, device=DEVICE, dtype=dtype)
+        q, k, _ = fused.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k = q.view(B, T, H, D), k.view(B, T, Hkv, D)
+    elif layout == "bhtd":
+        q = torch.randn(B, H, T, D, device=DEVICE, dtype=dtype).transpose(1, 2)
+        k = torch.randn(B, Hkv, T, D, device=DEVICE, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, T, H, D, device=DEVICE, dtype=dtype)
+        k = torch.randn(B, T, Hkv, D, device=DEVICE, dtype=dtype)
+    return q.detach().requires_grad_(), k.detach().requires_grad_()
+
+
+def rope_tables(T, D, base=10000.0):
+    """cos, sin (T, D/2) float32 for positions 0..T-1 (large angles included, as at long context)."""
+    inv_freq = base ** -(torch.arange(D // 2, device=DEVICE, dtype=torch.float32) / (D // 2))
+    angles = torch.arange(T, device=DEVICE, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def assert_matches_ref(out, ref, ref_lowp, atol=1e-3):
+    """|out - ref| <= 2 * |ref_lowp - ref| + atol (max norms) in fp16/bf16, ref in float64; plain in fp32."""
+    assert torch.isfinite(out).all(), "the kernel left NaN/inf (unwritten) elements"
+    err = (out.double() - ref).abs().max().item()
+    if out.dtype == torch.float32:
+        assert err <= 1e-5, f"fp32 max error {err:.3g}"
+    else:
+        base = (ref_lowp.double() - ref).abs().max().item()
+        assert err <= 2 * base + atol, f"max error {err:.3g} > 2 * {base:.3g} + {atol}"
+
+
+def rope_and_grads(fn, q, k, cos, sin, dq_rot, dk_rot):
+    q_rot, k_rot = fn(q, k, cos, sin)
+    return (q_rot, k_rot, *torch.autograd.grad((q_rot, k_rot), (q, k), (dq_rot, dk_rot)))
+
+
+@pytest.mark.parametrize(
+    "B, T, H, Hkv, D, dtype, layout",
+    [
+        (2, 1, 4, 4, 64, torch.float32, "contiguous"),
+        (2, 17, 4, 2, 32, torch.bfloat16, "qkv"),
+        (1, 113, 6, 1, 16, torch.float16, "qkv"),
+        (1, 255, 4, 4, 128, torch.bfloat16, "bhtd"),
+        (2, 300, 3, 1, 64, torch.float32, "qkv"),
+        (1, 33, 6, 3, 48, torch.bfloat16, "contiguous"),
+    ],
+)
+def test_matches_reference(B, T, H, Hkv, D, dtype, layout):
+    q, k = make_qk(B, T, H, Hkv, D, dtype, layout)
+    cos, sin = rope_tables(T, D)
+    dq_rot, dk_rot = torch.randn_like(q), torch.randn_like(k)
+    got = rope_and_grads(apply_rope, q, k, cos, sin, dq_rot, dk_rot)
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    ref = rope_and_grads(apply_rope_ref, q64, k64, cos.double(), sin.double(), dq_rot.double(), dk_rot.double())
+    ref_lowp = rope_and_grads(apply_rope_ref, q, k, cos, sin, dq_rot, dk_rot)
+    for g, r, r_lowp in zip(got, ref, ref_lowp):
+        assert g.shape == r.shape and g.dtype == dtype
+        assert_matches_ref(g, r, r_lowp)
+
+
+def test_rejects_bad_inputs(monkeypatch):
+    q, k = (t.detach() for t in make_qk(1, 8, 4, 2, 32, torch.float32, "contiguous"))
+    cos, sin = rope_tables(8, 32)
+    bad = {
+        "odd head dim": dict(q=q[..., :31], k=k[..., :31], cos=cos[:, :15], sin=sin[:, :15]),
+        "k head dim differs": dict(k=k[..., :16]),
+        "k length differs": dict(k=k[:, :7]),
+        "3-D q": dict(q=q[0]),
+        "dtype mismatch": dict(k=k.half()),
+        "float64": dict(q=q.double(), k=k.double()),
+        "cos shape": dict(cos=cos[:7]),
+        "sin dtype": dict(sin=sin.half()),
+        "last stride 2": dict(q=torch.randn(1, 8, 4, 64, device=DEVICE)[..., ::2]),
+        "device mismatch": dict(k=k.to("meta")),
+    }
+    for case, kwargs in bad.items():
+        args = dict(q=q, k=k, cos=cos, sin=sin) | kwargs
+        with pytest.raises(ValueError):
+            apply_rope(**args)
+            pytest.fail(f"accepted {case}")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        apply_rope(q.cpu(), k.cpu(), cos.cpu(), sin.cpu())

@@ -140,15 +140,13 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(
-    configs=_configs([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)]), key=_TUNE_KEY
-)
+@triton.autotune(configs=_configs([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)]), key=_TUNE_KEY)
 @triton.jit
 def _attn_fwd(
     Q,
     K,
     V,
-    O,
+    OUT,
     LSE,
     T,
     H,
@@ -179,7 +177,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Q, O: (B, T, H, D); K, V: (B, T, H / G, D); LSE: (B, H, T) fp32, base-2 log-sum-exp of the scaled scores.
+    # Q, OUT: (B, T, H, D); K, V: (B, T, H / G, D); LSE: (B, H, T) fp32, base-2 log-sum-exp of the scaled scores.
     # Program (query tile, b * H + h); the last query tiles (the longest causal rows) are launched first.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -215,13 +213,13 @@ def _attn_fwd(
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     in_t = offs_m < T
     tl.store(LSE + off_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=in_t)
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, store_cast(acc / l_i[:, None], O, ROUND_BF16), mask=in_t[:, None])
+    o_ptrs = OUT + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, store_cast(acc / l_i[:, None], OUT, ROUND_BF16), mask=in_t[:, None])
 
 
 @triton.jit
 def _attn_bwd_preprocess(
-    O,
+    OUT,
     DO,
     DELTA,
     T,
@@ -237,14 +235,14 @@ def _attn_bwd_preprocess(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    # O, DO: (B, T, H, D); DELTA: (B, H, T) fp32 = rowsum(DO * O). Program (query tile, b * H + h).
+    # OUT, DO: (B, T, H, D); DELTA: (B, H, T) fp32 = rowsum(DO * OUT). Program (query tile, b * H + h).
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = off_bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_t = offs_m < T
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+    o = tl.load(OUT + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
                 mask=in_t[:, None], other=0.0)  # fmt: skip
     do = tl.load(
         DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,

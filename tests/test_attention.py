@@ -31,9 +31,11 @@ def make_qkv(B, T, H, Hkv, D, dtype, layout, seed=0):
     if layout == "qkv":
         fused = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g, device=DEVICE, dtype=dtype)
         parts = fused.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        tensors = [p.view(s) for p, s in zip(parts, shapes)]
+        tensors = [p.view(s) for p, s in zip(parts, shapes, strict=True)]
     elif layout == "bhtd":
-        tensors = [torch.randn(b, h, t, d, generator=g, device=DEVICE, dtype=dtype).transpose(1, 2) for b, t, h, d in shapes]
+        tensors = [
+            torch.randn(b, h, t, d, generator=g, device=DEVICE, dtype=dtype).transpose(1, 2) for b, t, h, d in shapes
+        ]
     else:
         tensors = [torch.randn(s, generator=g, device=DEVICE, dtype=dtype) for s in shapes]
     return [t.detach().requires_grad_() for t in tensors]
@@ -85,7 +87,7 @@ def test_matches_reference(B, T, H, Hkv, D, causal, window, dtype, layout):
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = attention_and_grads(flash_attention_ref, q64, k64, v64, dout.double(), causal, window)
     ref_lowp = attention_and_grads(flash_attention_ref, q, k, v, dout, causal, window)
-    for name, g, r, r_lowp in zip(("out", "dq", "dk", "dv"), got, ref, ref_lowp):
+    for name, g, r, r_lowp in zip(("out", "dq", "dk", "dv"), got, ref, ref_lowp, strict=True):
         assert g.shape == r.shape and g.dtype == dtype, name
         assert_matches_ref(g, r, r_lowp, factor=3.0 if name == "dq" else 2.0)
 
@@ -95,7 +97,7 @@ def test_gqa_backward_is_deterministic():
     dout = torch.randn(1, 150, 6, 32, device=DEVICE)
     first = attention_and_grads(flash_attention, q, k, v, dout, True, 40)
     second = attention_and_grads(flash_attention, q, k, v, dout, True, 40)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
@@ -137,7 +139,7 @@ def test_compiled_matches_eager():
     got = run(compiled, apply_rope, flash_attention)
     eager = run(block, apply_rope, flash_attention)
     ref = run(block, apply_rope_ref, flash_attention_ref)
-    for g, e, r in zip(got, eager, ref):
+    for g, e, r in zip(got, eager, ref, strict=True):
         torch.testing.assert_close(g, e)
         torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-5)
 

@@ -78,7 +78,7 @@ def test_matches_reference(B, T, H, Hkv, D, dtype, layout):
     q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
     ref = rope_and_grads(apply_rope_ref, q64, k64, cos.double(), sin.double(), dq_rot.double(), dk_rot.double())
     ref_lowp = rope_and_grads(apply_rope_ref, q, k, cos, sin, dq_rot, dk_rot)
-    for g, r, r_lowp in zip(got, ref, ref_lowp):
+    for g, r, r_lowp in zip(got, ref, ref_lowp, strict=True):
         assert g.shape == r.shape and g.dtype == dtype
         assert_matches_ref(g, r, r_lowp)
 

@@ -43,11 +43,12 @@ def _maybe_upcast(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, T, WINDOW, IS_CAUSAL: tl.constexpr):
-    # (BLOCK_M, BLOCK_N) mask of the pairs (query i, key j) that attend: j < T and, when causal, i - WINDOW < j <= i.
-    visible = (offs_n < T)[None, :]
+def _visible(i, j, T, WINDOW, IS_CAUSAL: tl.constexpr):
+    # Mask of the pairs (query i, key j) that attend, for broadcastable 2-D positions i and j (a query column and a
+    # key row, or the transpose): both inside T and, when causal, i - WINDOW < j <= i.
+    visible = (i < T) & (j < T)
     if IS_CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+        visible = visible & (j <= i) & (j > i - WINDOW)
     return visible
 
 
@@ -125,7 +126,9 @@ def _attn_fwd_inner(
         v = _maybe_upcast(v, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASK:
-            qk = tl.where(_visible(offs_m, start_n + offs_n, T, WINDOW, IS_CAUSAL), qk, float("-inf"))
+            qk = tl.where(
+                _visible(offs_m[:, None], (start_n + offs_n)[None, :], T, WINDOW, IS_CAUSAL), qk, float("-inf")
+            )
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASK:
             # A row may have seen no key yet (window edge): subtract 0 instead of -inf so p and alpha are 0, not NaN.
@@ -297,7 +300,7 @@ def _attn_bwd_dkdv_inner(
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(qk_t - lse[None, :])
         if MASK:
-            p_t = tl.where(tl.trans(_visible(rows, offs_n, T, WINDOW, IS_CAUSAL)) & in_t[None, :], p_t, 0.0)
+            p_t = tl.where(_visible(rows[None, :], offs_n[:, None], T, WINDOW, IS_CAUSAL), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -436,7 +439,7 @@ def _attn_bwd_dq_inner(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(qk - lse[:, None])
         if MASK:
-            p = tl.where(_visible(offs_m, start_n + offs_n, T, WINDOW, IS_CAUSAL), p, 0.0)
+            p = tl.where(_visible(offs_m[:, None], (start_n + offs_n)[None, :], T, WINDOW, IS_CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)

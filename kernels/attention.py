@@ -12,6 +12,7 @@ dK/dV and dQ kernels, bf16 upcast and rounding switches for the interpreter.
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -24,10 +25,16 @@ _HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = math.log2(math.e)
 
 
-def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """Autotune list from (BLOCK_M, BLOCK_N, num_warps, num_stages); the interpreter takes one 64x64 config."""
+def _configs(gpu: list[tuple[int, int, int, int]], interpreter: tuple[int, int]) -> list[triton.Config]:
+    """Autotune list from (BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+    The interpreter takes one config (BLOCK_M != BLOCK_N, so the tile bounds are tested off the diagonal too).
+    NANOGPT2_AUTOTUNE=0 keeps only the first GPU config: tests on a GPU then compile each variant once, not per config.
+    """
     if interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": interpreter[0], "BLOCK_N": interpreter[1]}, num_warps=4, num_stages=1)]
+    if os.environ.get("NANOGPT2_AUTOTUNE", "1") == "0":
+        gpu = gpu[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
 
 
@@ -143,7 +150,9 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)]), key=_TUNE_KEY)
+@triton.autotune(
+    configs=_configs([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)], (64, 32)), key=_TUNE_KEY
+)
 @triton.jit
 def _attn_fwd(
     Q,
@@ -308,7 +317,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=_configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)]), key=_TUNE_KEY)
+@triton.autotune(configs=_configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)], (32, 64)), key=_TUNE_KEY)
 @triton.jit
 def _attn_bwd_dkdv(
     Q,
@@ -446,7 +455,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.autotune(configs=_configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]), key=_TUNE_KEY)
+@triton.autotune(configs=_configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)], (64, 32)), key=_TUNE_KEY)
 @triton.jit
 def _attn_bwd_dq(
     Q,

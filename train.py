@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from nanogpt2.tokenizer import EOT, decode
 DEVICE_DEFAULTS = {
     "cpu": dict(preset="nano", batch_size=8, seq_len=128, max_steps=200, lr=2e-3, warmup_steps=20, eval_every=50,
                 eval_batches=8, micro_batch=8),
-    "cuda": dict(preset="gpt2", batch_size=64, seq_len=1024, max_steps=500, lr=6e-4, warmup_steps=50, eval_every=100,
+    "cuda": dict(preset="gpt2", batch_size=32, seq_len=1024, max_steps=150, lr=6e-4, warmup_steps=15, eval_every=50,
                  eval_batches=20, micro_batch=16),
 }  # fmt: skip
 # A resumed run keeps these from its checkpoint (they define the model, the data and the optimisation);
@@ -436,6 +437,42 @@ class StopFlag:
         signal.signal(signal.SIGINT, self.previous)
 
 
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loader: BatchLoader,
+    lr: float,
+    args: argparse.Namespace,
+    autocast,
+) -> tuple[float, float]:
+    """One optimizer step over args.grad_accum micro-batches: returns (mean loss, grad norm before clipping).
+
+    A non-finite loss or norm (bf16/fp32) leaves the weights untouched; the caller stops the run. With fp16 the
+    GradScaler skips steps with inf gradients itself and lowers its scale.
+    """
+    device = next(model.parameters()).device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(args.grad_accum):  # issue #5: DDP's no_sync() on all but the last micro-step
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            _, loss = model(x, y)
+        loss = loss / args.grad_accum  # the mean over the whole step's batch
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+    loss_value = loss_sum.item()  # issue #5: all-reduce (average) across ranks for the log
+    if math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(norm)):
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm
+
+
 def train(argv: list[str] | None = None) -> int:
     args, explicit = parse_args(argv)
     dist = setup_distributed()
@@ -454,6 +491,8 @@ def train(argv: list[str] | None = None) -> int:
     check_args(args, config, dist.world_size, device)
     prepare_out_dir(args.out_dir, resuming=ckpt is not None)
     dtype = autocast_dtype(args, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # tf32 for what autocast leaves in fp32
     torch.manual_seed(args.seed)
 
     raw_model = build_model(config, device)
@@ -474,13 +513,11 @@ def train(argv: list[str] | None = None) -> int:
         step = ckpt["step"]
     model = wrap_model(raw_model, args, dist)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
     record = run_record(args, config, device, dtype, dist, raw_model.num_params())
     if dist.is_main:
         write_json(args.out_dir / (f"run-resume-{step}.json" if ckpt else "run.json"), record)
-    print0(dist, (f"resuming at step {step}: " if ckpt else "") + json.dumps(record))
+    print0(dist, (f"resuming at step {step}: " if ckpt else "run: ") + json.dumps(record))
     if note:
         print0(dist, f"note: {note}")
     eval_batches = min(args.eval_batches, val_loader.batches_per_epoch or args.eval_batches)
@@ -504,29 +541,13 @@ def train(argv: list[str] | None = None) -> int:
         while step < args.max_steps:
             t0 = time.perf_counter()
             lr = lr_at(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(args.grad_accum):
-                x, y = train_loader.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast():
-                    _, loss = model(x, y)
-                loss = loss / args.grad_accum  # mean over the whole step's batch
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf")).item()
-            loss_value = loss_sum.item()
+            loss_value, norm = train_step(model, optimizer, scaler, train_loader, lr, args, autocast)
             if not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(norm)):
                 last = f"{args.out_dir}/{TRAIN_CKPT}" if (args.out_dir / TRAIN_CKPT).exists() else "none yet"
                 raise UsageError(
                     f"loss {loss_value} / grad norm {norm} at step {step + 1} is not finite: stopped "
                     f"(last good checkpoint: {last}); try a lower --lr"
                 )
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
             first_loss = loss_value if first_loss is None else first_loss
@@ -590,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted before training started (no checkpoint written)", file=sys.stderr)
+        print("error: interrupted; checkpoints already written are intact", file=sys.stderr)
         return 130
 
 

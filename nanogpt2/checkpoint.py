@@ -228,6 +228,8 @@ def save_training_checkpoint(out_dir: str | Path, state: dict) -> Path:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    for stale in path.parent.glob(f".{TRAIN_CKPT}.tmp-*"):  # left by a process killed mid-save
+        stale.unlink(missing_ok=True)
     return path
 
 

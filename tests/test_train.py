@@ -9,12 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from nanogpt2.checkpoint import load_training_checkpoint
 from nanogpt2.data import HEADER_INTS, MAGIC, prepare, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,3 +203,21 @@ def test_help_documents_every_flag():
                  "--warmup-steps", "--weight-decay", "--grad-clip", "--eval-every", "--eval-batches", "--sample-every",
                  "--out-dir", "--resume", "--seed", "--device", "--dtype", "--attn", "--compile"):  # fmt: skip
         assert flag in done.stdout
+
+
+def test_kill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL while checkpoints are written every step (a save takes about as long as a step): never a torn file."""
+    cmd = train_cmd(*TINY, "--data", "synthetic", "--max-steps", "100000", "--save-every", "1", "--eval-every", "0")
+    for attempt, delay in enumerate((0.0, 0.02, 0.05)):
+        proc = subprocess.Popen(cmd if attempt == 0 else train_cmd("--resume", "out", "--max-steps", "100000"),
+                                cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE, text=True)  # fmt: skip
+        for line in proc.stdout:
+            if line.startswith("step ") and int(line.split()[1].split("/")[0]) % 4 == 3:
+                time.sleep(delay)
+                proc.kill()
+                break
+        proc.wait(timeout=60)
+        ckpt = load_training_checkpoint(tmp_path / "out")
+        assert ckpt["step"] >= 2
+    resumed = run(tmp_path, "--resume", "out", "--max-steps", str(ckpt["step"] + 1))
+    assert resumed.returncode == 0, resumed.stderr

@@ -3,7 +3,8 @@
 Algorithm: out[..., :D/2] = x1 * cos - x2 * sin, out[..., D/2:] = x2 * cos + x1 * sin, computed in fp32. The backward
 is the same rotation by the opposite angle (sin negated), so one kernel serves both directions.
 Layout: q (B, T, H, D), k (B, T, Hkv, D) with any strides (views of a fused qkv projection need no copy); cos/sin
-(T, D/2) fp32. Each program rotates a tile of BLOCK_T tokens of one head of q or k: grid (T / BLOCK_T, H + Hkv, B).
+(T, D/2) fp32. Each program rotates all heads of a tile of BLOCK_T tokens of q or of k (grid (T / BLOCK_T, B, 2)),
+reading the tile's cos/sin once for all of them.
 Limits: any even D, fp32 / fp16 / bf16; outputs are contiguous (B, T, heads, D) in the input dtype. cos and sin are
 not differentiated (they are position tables, not parameters).
 """
@@ -40,24 +41,34 @@ def store_cast(x, ptr, ROUND_BF16: tl.constexpr):
 def _rotate_tile(
     x_ptr,
     o_ptr,
+    n_heads,
     stride_xt,
+    stride_xh,
     stride_xd,
     stride_ot,
+    stride_oh,
     cos,
     sin,
     offs_t,
+    offs_h,
     offs_d,
-    mask,
+    T,
     HALF: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
-    # x/o point at (b, 0, head, 0); cos/sin are the (BLOCK_T, BLOCK_HALF) fp32 tables of this token tile.
-    x_row = x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd
-    x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + HALF * stride_xd, mask=mask, other=0.0).to(tl.float32)
-    o_row = o_ptr + offs_t[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_row, store_cast(x1 * cos - x2 * sin, o_ptr, ROUND_BF16), mask=mask)
-    tl.store(o_row + HALF, store_cast(x2 * cos + x1 * sin, o_ptr, ROUND_BF16), mask=mask)
+    # x/o point at (b, 0, 0, 0) of a (T, n_heads, 2 * HALF) slab; cos/sin are (BLOCK_T, 1, BLOCK_HALF) fp32.
+    mask = (offs_t < T)[:, None, None] & (offs_h < n_heads)[None, :, None] & (offs_d < HALF)[None, None, :]
+    x = (
+        x_ptr
+        + offs_t[:, None, None] * stride_xt
+        + offs_h[None, :, None] * stride_xh
+        + offs_d[None, None, :] * stride_xd
+    )
+    x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    o = o_ptr + offs_t[:, None, None] * stride_ot + offs_h[None, :, None] * stride_oh + offs_d[None, None, :]
+    tl.store(o, store_cast(x1 * cos - x2 * sin, o_ptr, ROUND_BF16), mask=mask)
+    tl.store(o + HALF, store_cast(x2 * cos + x1 * sin, o_ptr, ROUND_BF16), mask=mask)
 
 
 @triton.jit
@@ -70,6 +81,7 @@ def _rope_kernel(
     sin_ptr,
     T,
     H,
+    HKV,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -88,52 +100,34 @@ def _rope_kernel(
     stride_st,
     HALF: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     INVERSE: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
-    # q: (B, T, H, D), k: (B, T, Hkv, D) any strides; qo/ko: contiguous outputs of the same shapes (unit last stride);
-    # cos/sin: (T, HALF) fp32 with unit last stride. Program (t_tile, head, b); heads >= H are k heads.
+    # q: (B, T, H, D), k: (B, T, HKV, D) any strides; qo/ko: contiguous outputs of the same shapes; cos/sin: (T, HALF)
+    # fp32 with unit last stride. Program (token tile, b, 0 for q / 1 for k) rotates all heads of its token tile:
+    # one (BLOCK_T, BLOCK_H, BLOCK_HALF) tile per half, so the cos/sin tile is read once for every head.
     pid_t = tl.program_id(0)
-    head = tl.program_id(1)
-    off_b = tl.program_id(2).to(tl.int64)
+    off_b = tl.program_id(1).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_t < T)[:, None] & (offs_d < HALF)[None, :]
-    cos = tl.load(cos_ptr + offs_t[:, None] * stride_ct + offs_d[None, :], mask=mask, other=0.0)
-    sin = tl.load(sin_ptr + offs_t[:, None] * stride_st + offs_d[None, :], mask=mask, other=0.0)
+    cos = tl.load(cos_ptr + offs_t[:, None] * stride_ct + offs_d[None, :], mask=mask, other=0.0)[:, None, :]
+    sin = tl.load(sin_ptr + offs_t[:, None] * stride_st + offs_d[None, :], mask=mask, other=0.0)[:, None, :]
     if INVERSE:
         sin = -sin
-    if head < H:
+    if tl.program_id(2) == 0:
         _rotate_tile(
-            q_ptr + off_b * stride_qb + head * stride_qh,
-            qo_ptr + off_b * stride_qob + head * stride_qoh,
-            stride_qt,
-            stride_qd,
-            stride_qot,
-            cos,
-            sin,
-            offs_t,
-            offs_d,
-            mask,
-            HALF,
-            ROUND_BF16,
-        )
+            q_ptr + off_b * stride_qb, qo_ptr + off_b * stride_qob, H, stride_qt, stride_qh, stride_qd, stride_qot,
+            stride_qoh, cos, sin, offs_t, offs_h, offs_d, T, HALF, ROUND_BF16,
+        )  # fmt: skip
     else:
         _rotate_tile(
-            k_ptr + off_b * stride_kb + (head - H) * stride_kh,
-            ko_ptr + off_b * stride_kob + (head - H) * stride_koh,
-            stride_kt,
-            stride_kd,
-            stride_kot,
-            cos,
-            sin,
-            offs_t,
-            offs_d,
-            mask,
-            HALF,
-            ROUND_BF16,
-        )
+            k_ptr + off_b * stride_kb, ko_ptr + off_b * stride_kob, HKV, stride_kt, stride_kh, stride_kd, stride_kot,
+            stride_koh, cos, sin, offs_t, offs_h, offs_d, T, HALF, ROUND_BF16,
+        )  # fmt: skip
 
 
 def _rotate(
@@ -148,31 +142,16 @@ def _rotate(
         return q_out, k_out
     half = D // 2
     block_half = triton.next_power_of_2(half)
-    # ~4K elements per half-tile: enough bytes in flight per program on a GPU, few programs in the interpreter.
-    block_t = max(16, min(128, 4096 // block_half, triton.next_power_of_2(T)))
-    grid = (triton.cdiv(T, block_t), H + Hkv, B)
+    block_h = triton.next_power_of_2(max(H, Hkv))
+    # ~4K elements per half-tile (all heads of BLOCK_T tokens): bytes in flight on a GPU, few interpreter programs.
+    block_t = max(2, min(64, 4096 // (block_h * block_half), triton.next_power_of_2(T)))
+    grid = (triton.cdiv(T, block_t), B, 2)
     _rope_kernel[grid](
-        q,
-        k,
-        q_out,
-        k_out,
-        cos,
-        sin,
-        T,
-        H,
-        *q.stride(),
-        *k.stride(),
-        *q_out.stride()[:3],
-        *k_out.stride()[:3],
-        cos.stride(0),
-        sin.stride(0),
-        HALF=half,
-        BLOCK_T=block_t,
-        BLOCK_HALF=block_half,
-        INVERSE=inverse,
-        ROUND_BF16=interpreting() and q.dtype == torch.bfloat16,
-        num_warps=4,
-    )
+        q, k, q_out, k_out, cos, sin, T, H, Hkv,
+        *q.stride(), *k.stride(), *q_out.stride()[:3], *k_out.stride()[:3], cos.stride(0), sin.stride(0),
+        HALF=half, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, INVERSE=inverse,
+        ROUND_BF16=interpreting() and q.dtype == torch.bfloat16, num_warps=4,
+    )  # fmt: skip
     return q_out, k_out
 
 

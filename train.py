@@ -504,12 +504,12 @@ def train(argv: list[str] | None = None) -> int:
         try:
             raw_model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{args.resume}/{TRAIN_CKPT} does not fit the model: {e}".splitlines()[0]) from None
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        train_loader.load_state_dict(ckpt["loader"])
-        set_rng_state(ckpt["rng"], device)
+            if scaler.is_enabled() and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            train_loader.load_state_dict(ckpt["loader"])
+            set_rng_state(ckpt["rng"], device)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{args.resume}/{TRAIN_CKPT} does not fit this run: {e}".splitlines()[0]) from None
         step = ckpt["step"]
     model = wrap_model(raw_model, args, dist)
 

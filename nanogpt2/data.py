@@ -211,9 +211,13 @@ def prepare_documents(
         for writer in writers.values():
             writer.flush()
         progress.update(done, writers["train"].total + writers["val"].total, final=True)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above); os.replace needs the name free or an empty directory
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)  # onto a free name or an empty directory
+        except OSError:
+            if not (out_dir.is_dir() and any(out_dir.iterdir())):
+                raise
+            # Another process (another rank) finished the same job first: keep its copy.
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

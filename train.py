@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--lr", type=float, help=f"peak learning rate {dflt('lr')}")
     g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default: lr / 10)")
-    g.add_argument("--warmup-steps", type=int, help=f"linear warmup steps {dflt('warmup_steps')}")
+    g.add_argument(
+        "--warmup-steps",
+        type=int,
+        help=f"linear warmup steps (default: max-steps / 10, at most {cpu['warmup_steps']} on CPU, "
+        f"{gpu['warmup_steps']} on CUDA)",
+    )
     g.add_argument(
         "--decay-steps",
         type=int,
@@ -110,10 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm; 0: off (default: 1.0)")
     g.add_argument("--seed", type=int, default=1337, help="seed of weights, dropout, synthetic data (default: 1337)")
     g = p.add_argument_group("evaluation, output and resuming")
-    g.add_argument("--eval-every", type=int, help=f"val loss every N steps, and at the end {dflt('eval_every')}")
+    g.add_argument(
+        "--eval-every", type=int, help=f"val loss every N steps and at the end; 0: at the end only {dflt('eval_every')}"
+    )
     g.add_argument("--eval-batches", type=int, help=f"micro-batches per val loss {dflt('eval_batches')}")
     g.add_argument("--sample-every", type=int, default=0, help="print a sample every N steps; 0: at the end only")
-    g.add_argument("--save-every", type=int, help="checkpoint every N steps, and at the end (default: eval-every)")
+    g.add_argument(
+        "--save-every",
+        type=int,
+        help="checkpoint every N steps, at the end and on Ctrl-C; 0: those two only (default: eval-every)",
+    )
     g.add_argument("--out-dir", type=Path, help="where the checkpoint, metrics.jsonl and run.json go (default: out)")
     g.add_argument(
         "--resume",

@@ -25,20 +25,26 @@ _HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = math.log2(math.e)
 
 
-def _configs(gpu: list[tuple[int, int, int, int]], interpreter: tuple[int, int]) -> list[triton.Config]:
-    """Autotune list from (BLOCK_M, BLOCK_N, num_warps, num_stages).
+def _tuning(gpu: list[tuple[int, int, int, int]], small: tuple[int, int]) -> dict:
+    """triton.autotune arguments: the GPU configs (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp16/bf16, and one
+    small (BLOCK_M, BLOCK_N) config for fp32 and the interpreter.
 
-    The interpreter takes one config (BLOCK_M != BLOCK_N, so the tile bounds are tested off the diagonal too).
-    NANOGPT2_AUTOTUNE=0 keeps only the first GPU config: tests on a GPU then compile each variant once, not per config.
+    fp32 runs its dots in IEEE precision: large tiles then overflow shared memory and take minutes to compile. The
+    interpreter takes one config (BLOCK_M != BLOCK_N, so the tile bounds are also tested off the diagonal).
+    NANOGPT2_AUTOTUNE=0 keeps only the first GPU config: tests on a GPU then compile each variant once.
     """
+    small_config = triton.Config({"BLOCK_M": small[0], "BLOCK_N": small[1]}, num_warps=4, num_stages=2)
+    key = ["T", "WINDOW", "G", "HEAD_DIM", "IS_CAUSAL"]
     if interpreting():
-        return [triton.Config({"BLOCK_M": interpreter[0], "BLOCK_N": interpreter[1]}, num_warps=4, num_stages=1)]
-    if os.environ.get("NANOGPT2_AUTOTUNE", "1") == "0":
-        gpu = gpu[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
+        return dict(configs=[small_config], key=key)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
 
+    def prune(_configs: list, named_args: dict, **kwargs) -> list[triton.Config]:
+        if named_args["Q"].dtype == torch.float32:
+            return [small_config]
+        return configs[:1] if os.environ.get("NANOGPT2_AUTOTUNE", "1") == "0" else configs
 
-_TUNE_KEY = ["T", "WINDOW", "G", "HEAD_DIM", "IS_CAUSAL"]
+    return dict(configs=[*configs, small_config], key=key, prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -150,9 +156,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(
-    configs=_configs([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)], (64, 32)), key=_TUNE_KEY
-)
+@triton.autotune(**_tuning([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)], (64, 32)))
 @triton.jit
 def _attn_fwd(
     Q,
@@ -317,7 +321,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=_configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)], (32, 64)), key=_TUNE_KEY)
+@triton.autotune(**_tuning([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)], (32, 64)))
 @triton.jit
 def _attn_bwd_dkdv(
     Q,
@@ -455,7 +459,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.autotune(configs=_configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)], (64, 32)), key=_TUNE_KEY)
+@triton.autotune(**_tuning([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)], (64, 32)))
 @triton.jit
 def _attn_bwd_dq(
     Q,

@@ -76,6 +76,7 @@ CASES = [
     (1, 97, 6, 3, 16, False, None, torch.float16, "bhtd"),
     (1, 1000, 2, 1, 64, True, 256, torch.bfloat16, "qkv"),
     (1, 4097, 1, 1, 32, True, 130, torch.float32, "contiguous"),
+    (3, 1, 4, 1, 128, True, 7, torch.bfloat16, "bhtd"),
 ]
 
 
@@ -90,6 +91,13 @@ def test_matches_reference(B, T, H, Hkv, D, causal, window, dtype, layout):
     for name, g, r, r_lowp in zip(("out", "dq", "dk", "dv"), got, ref, ref_lowp, strict=True):
         assert g.shape == r.shape and g.dtype == dtype, name
         assert_matches_ref(g, r, r_lowp, factor=3.0 if name == "dq" else 2.0)
+
+
+def test_custom_scale():
+    q, k, v = make_qkv(2, 50, 4, 2, 32, torch.float32, "qkv")
+    out = flash_attention(q, k, v, scale=0.3)
+    ref = flash_attention_ref(q.double(), k.double(), v.double(), scale=0.3)
+    assert_matches_ref(out, ref, ref)
 
 
 def test_gqa_backward_is_deterministic():

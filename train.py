@@ -21,18 +21,25 @@ import math
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nanogpt2.checkpoint import TRAIN_CKPT, CheckpointError, load_training_checkpoint, save_training_checkpoint
+from nanogpt2.checkpoint import (
+    TRAIN_CKPT,
+    CheckpointError,
+    load_train_state,
+    load_training_checkpoint,
+    save_train_state,
+)
 from nanogpt2.data import BatchLoader, DataError, open_corpus
-from nanogpt2.model import GPT, PRESETS, GPTConfig
+from nanogpt2.model import GPT, POS_EMBS, PRESETS, GPTConfig
+from nanogpt2.parallel import DistEnv, all_reduce_mean, cleanup, grad_sync, init_distributed, memory_report, parallelize
 from nanogpt2.tokenizer import EOT, decode
 
 # Defaults that depend on the device: a run of a few minutes on a 2-core CPU, GPT-2 124M on a GPU.
@@ -45,7 +52,10 @@ DEVICE_DEFAULTS = {
 # A resumed run keeps these from its checkpoint (they define the model, the data and the optimisation);
 # every other flag (steps, logging, device, dtype, compile, grad-accum) may change on resume.
 RUN_FLAGS = ("preset", "data", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "decay_steps",
-             "weight_decay", "grad_clip", "seed", "dropout", "beta1", "beta2")  # fmt: skip
+             "weight_decay", "grad_clip", "seed", "dropout", "beta1", "beta2", "optimizer", "block_size", "pos_emb",
+             "n_kv_head", "window")  # fmt: skip
+HOW_FLAGS = ("fsdp", "activation_checkpointing", "compile")  # on/off switches a resumed run sets afresh
+MODEL_FLAGS = ("block_size", "pos_emb", "n_kv_head", "window", "dropout")  # flags that override the preset's config
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, for MFU
 SAMPLE_TOKENS = 64
 
@@ -78,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         "text (tokenized into the data cache), or 'synthetic' (default: shakespeare)",
     )
     g.add_argument("--dropout", type=float, help="dropout probability (default: the preset's, 0.0)")
+    g.add_argument("--block-size", type=int, help="training context of the model (default: the preset's)")
+    g.add_argument("--pos-emb", choices=POS_EMBS, help="learned positions or rotary (default: the preset's)")
+    g.add_argument("--n-kv-head", type=int, help="K/V heads, fewer than heads for GQA (default: the preset's)")
+    g.add_argument("--window", type=int, help="sliding-window attention over this many keys (default: the preset's)")
     g.add_argument(
         "--attn",
         choices=["torch", "triton"],
@@ -108,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="step where the cosine decay reaches min-lr (default: max-steps; kept on resume, so a run "
         "resumed with a larger --max-steps continues at min-lr)",
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=["adamw", "sgd"],
+        default="adamw",
+        help="adamw (fused on CUDA), or plain sgd, for checking parallel modes against each other (default: adamw)",
     )
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of 2-D weights (default: 0.1)")
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (default: 0.9)")
@@ -143,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
         "unsupported, float32 on CPU)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g = p.add_argument_group(
+        "parallel training",
+        "Under torchrun (RANK/WORLD_SIZE set) the run is DDP, or FSDP with --fsdp; NCCL on CUDA, gloo on CPU. "
+        "--batch-size stays the global batch: each optimizer step reads batch-size sequences in grad-accum "
+        "micro-steps, each micro-batch split evenly across the ranks, so a step sees the same data at any world "
+        "size. Multi-node: torchrun --nnodes N --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...",
+    )
+    g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
+    g.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute each block's activations in the backward"
+    )
     return p
 
 
@@ -190,9 +221,13 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, world_size: in
 
 
 def merge_resumed(args: argparse.Namespace, explicit: set[str], saved: dict) -> None:
-    """Take the checkpoint's flags; flags given now override, except RUN_FLAGS, which must agree."""
+    """Take the checkpoint's flags; flags given now override, except RUN_FLAGS, which must agree.
+
+    How the run is executed (HOW_FLAGS: parallel mode, compilation) is never taken from the checkpoint: a run saved
+    under FSDP resumes as a plain process unless --fsdp is given again.
+    """
     for key, value in saved.items():
-        if key in ("resume", "out_dir"):
+        if key in ("resume", "out_dir", *HOW_FLAGS):
             continue
         if key in explicit:
             if key in RUN_FLAGS and getattr(args, key) != value:
@@ -208,8 +243,7 @@ def merge_resumed(args: argparse.Namespace, explicit: set[str], saved: dict) -> 
 def model_config(args: argparse.Namespace, saved: dict | None = None) -> GPTConfig:
     """The preset with the flags' overrides; a resumed run rebuilds the checkpoint's config (attn may change)."""
     overrides = {"attn": args.attn}
-    if args.dropout is not None:
-        overrides["dropout"] = args.dropout
+    overrides |= {key: getattr(args, key) for key in MODEL_FLAGS if getattr(args, key) is not None}
     try:
         if saved is not None:
             return GPTConfig(**{**saved, "attn": args.attn})
@@ -249,29 +283,7 @@ def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int, dev
 # Setup: distributed, precision, model, loaders
 
 
-@dataclass
-class Dist:
-    """Where this process sits in the job (torchrun's RANK / LOCAL_RANK / WORLD_SIZE)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """Read the process's place in the job from the environment; one process until DDP/FSDP lands (issue #5)."""
-    env = os.environ
-    dist = Dist(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
-    if dist.world_size > 1:
-        raise UsageError(f"WORLD_SIZE={dist.world_size}: multi-process training (DDP/FSDP) is not implemented yet")
-    return dist
-
-
-def print0(dist: Dist, *args, **kwargs) -> None:
+def print0(dist: DistEnv, *args, **kwargs) -> None:
     if dist.is_main:
         print(*args, **kwargs, flush=True)
 
@@ -288,14 +300,32 @@ def build_model(config: GPTConfig, device: torch.device) -> GPT:
     return GPT(config).to(device)
 
 
-def wrap_model(model: GPT, args: argparse.Namespace, dist: Dist) -> torch.nn.Module:
-    """The one place the model is compiled and (issue #5) wrapped in DDP/FSDP. Checkpoints read the unwrapped one."""
-    if args.compile:
-        return torch.compile(model)
-    return model
+def parallel_mode(args: argparse.Namespace, dist: DistEnv) -> str:
+    """plain (one process), ddp (under torchrun) or fsdp (under torchrun with --fsdp)."""
+    if args.fsdp and not dist.distributed:
+        raise UsageError("--fsdp needs torchrun, e.g. torchrun --standalone --nproc_per_node=2 train.py --fsdp")
+    return "fsdp" if args.fsdp else "ddp" if dist.distributed else "plain"
 
 
-def build_loaders(args: argparse.Namespace, config: GPTConfig, dist: Dist) -> tuple[BatchLoader, BatchLoader, str]:
+def wrap_model(model: GPT, args: argparse.Namespace, dist: DistEnv, mode: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The one place the model is parallelised (DDP / FSDP) and compiled.
+
+    FSDP shards `model` in place, so the optimizer must be built after this; with DDP, `model` stays the plain module
+    inside the wrapper (checkpoints and sampling use it).
+    """
+    param_dtype = dtype if mode == "fsdp" and dtype != torch.float32 else None  # FSDP's mixed precision on CUDA
+    wrapped = parallelize(model, mode, dist, param_dtype, args.activation_checkpointing)
+    return torch.compile(wrapped) if args.compile else wrapped
+
+
+def build_optimizer(model: GPT, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (decay on 2-D weights, fused on CUDA), or plain SGD, whose steps are linear in the gradients."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr)
+    return model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type)
+
+
+def build_loaders(args: argparse.Namespace, config: GPTConfig, dist: DistEnv) -> tuple[BatchLoader, BatchLoader, str]:
     """Train and val loaders for this rank: each reads its contiguous share of every global micro-batch."""
     corpus = open_corpus(args.data, vocab_size=config.vocab_size, seed=args.seed)
     rows = args.batch_size // args.grad_accum  # global rows per micro-batch
@@ -330,7 +360,7 @@ def git_commit() -> str:
 
 
 def run_record(
-    args: argparse.Namespace, config: GPTConfig, device: torch.device, dtype: torch.dtype, dist: Dist, n_params: int
+    args: argparse.Namespace, config: GPTConfig, device: torch.device, dtype: torch.dtype, dist: DistEnv, n_params: int
 ) -> dict:
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     for name in ("triton", "tiktoken"):
@@ -382,6 +412,44 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def log_memory(model: GPT, optimizer: torch.optim.Optimizer, dist: DistEnv) -> None:
+    """One line per rank: the parameters and optimizer state it holds (1/world of them under FSDP), peak memory."""
+    report = memory_report(model, optimizer)
+    reports = [report]
+    if dist.distributed:
+        reports = [None] * dist.world_size
+        torch.distributed.all_gather_object(reports, report)
+    for rank, r in enumerate(reports):
+        peak = f" | peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else ""
+        print0(
+            dist, f"memory rank {rank}: {r['param_elems']:,} param elems | {r['optim_state_elems']:,} optim elems{peak}"
+        )
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: allocated on the GPU, or the resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_summary(
+    step_times: list[float], tokens_per_step: int, wall: float, loss: float, val_loss: float, device: torch.device
+) -> dict:
+    """The run's headline numbers, for scripts (the variant study): median speed after the first step, peak memory."""
+    steady = step_times[1:] or step_times
+    return {
+        "steps": len(step_times),
+        "tokens_per_s": tokens_per_step / statistics.median(steady),
+        "peak_mem_mib": peak_memory_mib(device),
+        "wall_s": wall,
+        "train_loss": loss,
+        "val_loss": val_loss,
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation and sampling
 
@@ -398,7 +466,7 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, n_batches: int, autoca
             _, loss = model(x.to(total.device), y.to(total.device))
         total += loss.float()
     model.train()
-    return (total / n_batches).item()  # issue #5: all-reduce (average) across ranks here
+    return all_reduce_mean(total / n_batches).item()  # each rank evaluated its share of the val batches
 
 
 def sample_text(model: GPT, seed: int, device: torch.device) -> str:
@@ -466,17 +534,19 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
-    for _ in range(args.grad_accum):  # issue #5: DDP's no_sync() on all but the last micro-step
+    for micro in range(args.grad_accum):
         x, y = loader.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            _, loss = model(x, y)
-        loss = loss / args.grad_accum  # the mean over the whole step's batch
-        loss_sum += loss.detach()
-        scaler.scale(loss).backward()
+        with grad_sync(model, micro == args.grad_accum - 1):  # ranks exchange gradients on the last micro-step only
+            with autocast():
+                _, loss = model(x, y)
+            loss = loss / args.grad_accum  # the mean over the whole step's batch
+            loss_sum += loss.detach()
+            scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
-    loss_value = loss_sum.item()  # issue #5: all-reduce (average) across ranks for the log
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor of the shards
+    loss_value = all_reduce_mean(loss_sum).item()  # the whole global batch's mean loss
     if math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(norm)):
         scaler.step(optimizer)
         scaler.update()
@@ -486,8 +556,10 @@ def train_step(
 
 def train(argv: list[str] | None = None) -> int:
     args, explicit = parse_args(argv)
-    dist = setup_distributed()
     device = resolve_device(args.device)
+    dist = init_distributed(str(device))
+    device = dist.device
+    mode = parallel_mode(args, dist)
     ckpt = None
     if args.resume is not None:
         if "out_dir" in explicit and args.out_dir.resolve() != args.resume.resolve():
@@ -507,14 +579,14 @@ def train(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
 
     raw_model = build_model(config, device)
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type)
+    model = wrap_model(raw_model, args, dist, mode, dtype)  # raw_model: the GPT itself (sharded in place by FSDP)
+    optimizer = build_optimizer(raw_model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     train_loader, val_loader, note = build_loaders(args, config, dist)
     step = 0
     if ckpt is not None:
         try:
-            raw_model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            load_train_state(args.resume, ckpt, raw_model, optimizer)
             if scaler.is_enabled() and ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             train_loader.load_state_dict(ckpt["loader"])
@@ -522,10 +594,10 @@ def train(argv: list[str] | None = None) -> int:
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{args.resume}/{TRAIN_CKPT} does not fit this run: {e}".splitlines()[0]) from None
         step = ckpt["step"]
-    model = wrap_model(raw_model, args, dist)
 
     autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
     record = run_record(args, config, device, dtype, dist, raw_model.num_params())
+    record["parallel"] = mode
     if dist.is_main:
         write_json(args.out_dir / (f"run-resume-{step}.json" if ckpt else "run.json"), record)
     print0(dist, (f"resuming at step {step}: " if ckpt else "run: ") + json.dumps(record))
@@ -538,15 +610,14 @@ def train(argv: list[str] | None = None) -> int:
     metrics = open(args.out_dir / "metrics.jsonl", "a") if dist.is_main else None
 
     def save(step: int) -> None:
-        if dist.is_main:  # issue #5: FSDP gathers the full state dict on every rank before this
-            saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "out_dir")}
-            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-            state |= {"scaler": scaler.state_dict(), "config": config.to_dict(), "args": saved_args}
-            state |= {"loader": train_loader.state_dict(), "rng": rng_state(device)}
-            save_training_checkpoint(args.out_dir, state)
+        saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "out_dir")}
+        meta = {"step": step, "scaler": scaler.state_dict(), "config": config.to_dict(), "args": saved_args}
+        meta |= {"loader": train_loader.state_dict(), "rng": rng_state(device)}
+        save_train_state(args.out_dir, raw_model, optimizer, meta, sharded=mode == "fsdp", is_main=dist.is_main)
 
     stop = StopFlag()
     first_loss = last_loss = val_loss = None
+    step_times: list[float] = []
     t_start = time.perf_counter()
     try:
         while step < args.max_steps:
@@ -580,6 +651,9 @@ def train(argv: list[str] | None = None) -> int:
                 row["mfu"] = flops_per_step / dt / (peak * dist.world_size)
                 line += f" | mfu {100 * row['mfu']:.1f}%"
             print0(dist, line)
+            if len(step_times) == 0:
+                log_memory(raw_model, optimizer, dist)
+            step_times.append(dt)
             last_step = step == args.max_steps
             if (args.eval_every and step % args.eval_every == 0) or last_step:
                 val_loss = row["val_loss"] = evaluate(model, val_loader, eval_batches, autocast)
@@ -590,7 +664,7 @@ def train(argv: list[str] | None = None) -> int:
             if (args.save_every and step % args.save_every == 0) or last_step or stop.requested:
                 save(step)
             if args.sample_every and step % args.sample_every == 0 and not last_step:
-                print0(dist, f"sample: {sample_text(raw_model, args.seed, device)!r}")
+                print0(dist, f"sample: {sample_text(raw_model, args.seed, device)!r}")  # every rank: FSDP's forward
             if stop.requested:
                 print0(
                     dist,
@@ -603,6 +677,10 @@ def train(argv: list[str] | None = None) -> int:
             metrics.close()
     wall = time.perf_counter() - t_start
     print0(dist, f"sample: {sample_text(raw_model, args.seed, device)!r}")
+    if dist.is_main and step_times:
+        write_json(
+            args.out_dir / "summary.json", run_summary(step_times, tokens_per_step, wall, last_loss, val_loss, device)
+        )
     if first_loss is not None:
         print0(
             dist,
@@ -617,13 +695,19 @@ def train(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run train(); a problem with the input ends in one line on stderr and exit status 1."""
     try:
-        return train(argv)
+        status = train(argv)
     except (UsageError, DataError, CheckpointError) as e:  # anything else is a bug and keeps its traceback
+        if torch.distributed.is_initialized():
+            # The other ranks wait in a collective that will never come: exit at once, and torchrun stops them.
+            print(f"error: [rank {torch.distributed.get_rank()}] {e}", file=sys.stderr, flush=True)
+            os._exit(1)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; checkpoints already written are intact", file=sys.stderr)
         return 130
+    cleanup()
+    return status
 
 
 if __name__ == "__main__":

@@ -6,12 +6,19 @@ Everything else maps one to one, since our module names are HF's.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from nanogpt2.model import GPT, GPTConfig
 
@@ -189,26 +196,67 @@ def save_hf_gpt2(model: GPT, path: str | Path) -> None:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides) -> GPT:
-    """A model for inference from a HF directory or cached name, or a nanogpt2 checkpoint file or output directory."""
+    """A model for inference from a HF directory or cached name, or a training run (its directory or ckpt.pt file).
+
+    A sharded (FSDP) training checkpoint is consolidated into one model here, in a single process.
+    """
     path = Path(path)
-    ckpt_file = path / "ckpt.pt" if path.is_dir() else path
-    if path.is_file() or ckpt_file.is_file():
-        try:
-            ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
-            config = GPTConfig(**{**ckpt["config"], **overrides})
-            model = GPT(config)
+    ckpt_file = path / TRAIN_CKPT if path.is_dir() else path
+    if not ckpt_file.is_file():
+        return load_hf_gpt2(path, **overrides).to(device)
+    try:
+        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+        model = GPT(GPTConfig(**{**ckpt["config"], **overrides}))
+        if "sharded" in ckpt:
+            state = {"model": model.state_dict()}
+            with warnings.catch_warnings():  # loading without a process group, which DCP warns about
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(state, checkpoint_id=ckpt_file.parent / ckpt["sharded"])
+            model.load_state_dict(state["model"])
+        else:
             model.load_state_dict(ckpt["model"])
-        except (OSError, RuntimeError, KeyError, TypeError, EOFError) as err:
-            raise CheckpointError(f"cannot load checkpoint {ckpt_file}: {err}") from None
-    else:
-        model = load_hf_gpt2(path, **overrides)
+    except Exception as err:  # torch.load and DCP raise many types on torn or foreign files; all mean the same here
+        raise CheckpointError(
+            f"cannot load checkpoint {ckpt_file}: {type(err).__name__}: {err}".splitlines()[0]
+        ) from None
     return model.to(device)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """python -m nanogpt2.checkpoint RUN_DIR --out FILE [--hf DIR]: one consolidated file (and a HF directory)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m nanogpt2.checkpoint",
+        description="Consolidate a training run's checkpoint (sharded or not) into one file of the full model, "
+        "for sampling, and optionally into a Hugging Face GPT-2 directory.",
+    )
+    parser.add_argument("run", help="training output directory (or its ckpt.pt)")
+    parser.add_argument("--out", help="file to write: {'model': full state dict, 'config': ...}")
+    parser.add_argument("--hf", help="also write a Hugging Face GPT-2 directory here (plain GPT-2 configs only)")
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.run)
+        if args.out:
+            out = Path(args.out)
+            if out.exists():
+                raise CheckpointError(f"{out} exists; not overwriting it")
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+            torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, tmp)
+            os.replace(tmp, out)
+            print(f"wrote {out}")
+        if args.hf:
+            save_hf_gpt2(model, args.hf)
+            print(f"wrote {args.hf}")
+    except (CheckpointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # Training checkpoints (train.py): everything a run needs to continue exactly where it stopped.
 
 TRAIN_CKPT = "ckpt.pt"
-TRAIN_CKPT_KEYS = ("model", "optimizer", "config", "step", "loader", "rng", "args")
+TRAIN_CKPT_KEYS = ("config", "step", "loader", "rng", "args")  # plus model + optimizer, or sharded
+SHARDS_DIR = "shards"  # FSDP's sharded checkpoints, one torch.distributed.checkpoint directory per saved step
 
 
 def save_training_checkpoint(out_dir: str | Path, state: dict) -> Path:
@@ -246,6 +294,70 @@ def load_training_checkpoint(out_dir: str | Path) -> dict:
     except Exception as err:  # torch.load raises many types on a torn or foreign file; all mean the same here
         raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint ({type(err).__name__})") from None
     missing = [k for k in TRAIN_CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if not missing and "sharded" not in ckpt:
+        missing = [k for k in ("model", "optimizer") if k not in ckpt]
     if missing:
         raise CheckpointError(f"cannot resume: {path} is not a training checkpoint (missing {', '.join(missing)})")
     return ckpt
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_train_state(
+    out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, sharded: bool, is_main: bool
+) -> None:
+    """Checkpoint a run, whatever its parallel mode; every rank calls this.
+
+    Model and optimizer state are taken by parameter name (torch.distributed.checkpoint.state_dict), so any mode and
+    world size can resume them. Unsharded: rank 0 writes them with `meta` into ckpt.pt. Sharded (FSDP): every rank
+    writes its own shards under shards/step_N/ (no rank gathers the whole model), then rank 0 writes ckpt.pt with
+    `meta` and a pointer to them. ckpt.pt is replaced atomically last, so a run killed mid-save resumes from the
+    previous checkpoint.
+    """
+    out_dir = Path(out_dir)
+    if not sharded:
+        model_state, optim_state = get_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if is_main:
+            save_training_checkpoint(out_dir, {**meta, "model": model_state, "optimizer": optim_state})
+        barrier()
+        return
+    name = f"{SHARDS_DIR}/step_{meta['step']:08d}"
+    if not (out_dir / name / ".metadata").is_file():  # .metadata is written last: present means complete
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=out_dir / name)
+    barrier()
+    if is_main:
+        save_training_checkpoint(out_dir, {**meta, "sharded": name})
+        for old in (out_dir / SHARDS_DIR).iterdir():
+            if old.name != Path(name).name:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_train_state(run_dir: str | Path, ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a checkpoint's model and optimizer state into this run's (possibly sharded) model and optimizer.
+
+    A whole-model checkpoint is sliced into this rank's shards; a sharded one is resharded to this run's layout,
+    whatever world size wrote it.
+    """
+    if "sharded" in ckpt:
+        model_state, optim_state = get_state_dict(model, optimizer)  # this run's layout, as the template to fill
+        state = {"model": model_state, "optimizer": optim_state}
+        with warnings.catch_warnings():  # a single process loads without a process group, which DCP warns about
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=Path(run_dir) / ckpt["sharded"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    else:
+        options = StateDictOptions(full_state_dict=True)
+        set_state_dict(
+            model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"], options=options
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(export_main())

@@ -60,7 +60,7 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
     return DistEnv(rank, local_rank, world_size, dev)
 
 
-def wrap_model(
+def parallelize(
     model: nn.Module,
     mode: str,
     env: DistEnv,

@@ -1,0 +1,136 @@
+"""DDP and FSDP under torchrun (2 ranks, gloo on CPU) against a single process, and resuming across modes.
+
+Every run is the real command line: `python -m torch.distributed.run --nproc_per_node=2 train.py ...`.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nanogpt2.checkpoint import load_model
+from nanogpt2.data import write_shard
+from nanogpt2.model import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "pico", "--data", "synthetic", "--batch-size", "8", "--seq-len", "32", "--device", "cpu"]
+TINY += ["--eval-batches", "1", "--eval-every", "2", "--decay-steps", "4", "--warmup-steps", "1"]
+
+
+def train(out_dir: Path, *args: str, ranks: int = 1, fsdp: bool = False, check: bool = True):
+    """Run train.py as one plain process, or under torchrun: DDP with ranks > 1, FSDP with fsdp=True."""
+    launcher = [sys.executable]
+    if ranks > 1 or fsdp:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    cmd = [*launcher, str(REPO / "train.py"), *TINY, "--out-dir", str(out_dir), *args] + (["--fsdp"] if fsdp else [])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> train loss, the last record of each step (a resumed run appends)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    sa, sb = load_model(a).state_dict(), load_model(b).state_dict()
+    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The runs several tests compare, made once: SGD and AdamW, in each mode."""
+    root = tmp_path_factory.mktemp("dist")
+    made = {}
+    for accum in ("1", "2"):
+        sgd = ["--optimizer", "sgd", "--lr", "0.5", "--max-steps", "3", "--grad-accum", accum]
+        for mode, kw in (("plain", {}), ("ddp", {"ranks": 2}), ("fsdp", {"ranks": 2, "fsdp": True})):
+            made[f"sgd-{mode}-{accum}"] = root / f"sgd-{mode}-{accum}"
+            train(made[f"sgd-{mode}-{accum}"], *sgd, **kw)
+    adamw = ["--lr", "3e-3", "--max-steps", "4"]
+    made["adamw-plain"], made["adamw-fsdp"] = root / "adamw-plain", root / "adamw-fsdp"
+    train(made["adamw-plain"], *adamw)
+    made["adamw-fsdp-log"] = train(made["adamw-fsdp"], *adamw, ranks=2, fsdp=True).stdout
+    for mode, kw in (("fsdp", {"ranks": 2, "fsdp": True}), ("ddp", {"ranks": 2})):  # the first half, to resume
+        made[f"half-{mode}"] = root / f"half-{mode}"
+        train(made[f"half-{mode}"], "--lr", "3e-3", "--max-steps", "2", **kw)
+    return made
+
+
+@pytest.mark.parametrize("accum", ["1", "2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_sgd_weights_equal_single_process(runs, mode, accum):
+    assert max_weight_diff(runs[f"sgd-{mode}-{accum}"], runs[f"sgd-plain-{accum}"]) <= 1e-5
+    single = losses(runs[f"sgd-plain-{accum}"])
+    assert all(abs(loss - single[step]) <= 1e-5 for step, loss in losses(runs[f"sgd-{mode}-{accum}"]).items())
+
+
+def test_sgd_training_moved_the_weights(runs):
+    """Guards the equivalence test against runs that change nothing: the weights left their initial values."""
+    torch.manual_seed(1337)  # train.py's default --seed, set before the model is built
+    start = GPT(GPTConfig.from_preset("pico")).state_dict()
+    end = load_model(runs["sgd-plain-1"]).state_dict()
+    assert max((start[k] - end[k]).abs().max().item() for k in start) > 1e-3
+
+
+def test_adamw_losses_agree(runs):
+    plain, fsdp = losses(runs["adamw-plain"]), losses(runs["adamw-fsdp"])
+    assert sorted(plain) == sorted(fsdp) == [1, 2, 3, 4]
+    assert all(abs(plain[s] - fsdp[s]) <= 1e-4 for s in plain)
+
+
+def test_fsdp_shards_parameters_and_optimizer_state(runs):
+    total = load_model(runs["adamw-plain"]).num_params()
+    lines = [line for line in runs["adamw-fsdp-log"].splitlines() if line.startswith("memory rank")]
+    assert len(lines) == 2
+    for line in lines:
+        params = int(line.split(":")[1].split("param")[0].replace(",", ""))
+        optim = int(line.split("|")[1].split("optim")[0].replace(",", ""))
+        assert abs(params - total / 2) <= 0.01 * total  # each rank holds half the parameters
+        assert abs(optim - total) <= 0.02 * total  # and half of AdamW's two moments (2 x total / 2)
+    assert (runs["adamw-fsdp"] / "shards").is_dir()  # sharded checkpoint: no rank wrote the whole model
+
+
+@pytest.mark.parametrize(
+    "first, then",
+    [("fsdp", "plain"), ("fsdp", "fsdp"), ("fsdp", "ddp"), ("ddp", "fsdp")],
+    ids=lambda m: m,
+)
+def test_resume_across_modes_and_world_sizes(runs, tmp_path, first, then):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[f"half-{first}"], run_dir)
+    kw = {"plain": {}, "ddp": {"ranks": 2}, "fsdp": {"ranks": 2, "fsdp": True}}[then]
+    train(run_dir, "--resume", str(run_dir), "--max-steps", "4", **kw)
+    uninterrupted, resumed = losses(runs["adamw-plain"]), losses(run_dir)
+    assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-4 for s in (3, 4))
+
+
+def test_bad_data_on_one_rank_stops_every_rank(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    tokens = np.random.default_rng(0).integers(0, 50000, 4000).astype(np.uint16)
+    tokens[200] = 60000  # in rank 1's half of the first micro-batch (8 rows of 32: rank 0 reads tokens 0..128)
+    write_shard(data / "train_000000.bin", tokens)
+    write_shard(data / "val_000000.bin", tokens[:1000] % 50000)
+    t0 = time.perf_counter()
+    result = train(tmp_path / "out", "--data", str(data), "--max-steps", "4", ranks=2, check=False)
+    assert result.returncode != 0
+    assert time.perf_counter() - t0 < 60
+    assert "error: [rank 1] token id 60000 >= vocab size 50257" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA device")
+def test_fsdp_on_nccl(tmp_path):
+    train(tmp_path / "out", "--device", "cuda", "--max-steps", "2", ranks=1, fsdp=True)
+    assert (tmp_path / "out" / "shards").is_dir()

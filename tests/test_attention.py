@@ -1,7 +1,13 @@
 """Triton flash attention against the float64 reference: outputs, gradients, GQA, windows, strides, torch.compile."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
+import triton
 from conftest import DEVICE
 
 from kernels import apply_rope, flash_attention
@@ -174,3 +180,55 @@ def test_rejects_bad_inputs(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         flash_attention(q.cpu(), k.cpu(), v.cpu())
+
+
+# Compiles kernels for an H100 (sm_90) without one: what the interpreter forgives (dot shapes, dtypes, shared memory)
+# fails here. Launch-time specializations are mimicked: unit last strides, other strides and pointers 16-aligned.
+_HOPPER_COMPILE = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from kernels import attention, rope
+
+    def compile_sm90(kernel, dtype, constexprs, num_warps, num_stages):
+        fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction under an autotuner
+        consts = {**constexprs, **{a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")}}
+        sig, attrs = {}, {}
+        for i, a in enumerate(fn.arg_names):
+            if a in consts:
+                sig[a] = "constexpr"
+            elif a in ("LSE", "DELTA", "cos_ptr", "sin_ptr"):
+                sig[a] = "*fp32"
+            elif a.endswith("_ptr") or (a.isupper() and a not in ("T", "H", "G", "HKV", "WINDOW")):
+                sig[a] = "*" + dtype
+            else:
+                sig[a] = "fp32" if a.endswith("scale") else "i32"
+            if sig[a].startswith("*") or (a.startswith("stride_") and a not in consts):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+        options = {"num_warps": num_warps, "num_stages": num_stages}
+        shared = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
+        assert shared <= 227 * 1024, f"{fn.__name__} {dtype} {constexprs}: {shared} B of shared memory"
+
+    for dtype, head_dim, config in (("bf16", 64, 0), ("bf16", 128, 0), ("bf16", 128, -2), ("fp32", 128, -1)):
+        flags = dict(HEAD_DIM=head_dim, IS_CAUSAL=True, UPCAST=False, ROUND_BF16=False)
+        flags["DOT_PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
+        for kernel in (attention._attn_fwd, attention._attn_bwd_dkdv, attention._attn_bwd_dq):
+            c = kernel.configs[config]
+            compile_sm90(kernel, dtype, {**flags, **c.kwargs}, c.num_warps, c.num_stages)
+    compile_sm90(attention._attn_bwd_preprocess, "bf16", dict(HEAD_DIM=128, BLOCK_M=128), 4, 1)
+    compile_sm90(rope._rope_kernel, "bf16", dict(HALF=32, BLOCK_T=8, BLOCK_H=16, BLOCK_HALF=32, INVERSE=True,
+                                                 ROUND_BF16=False), 4, 1)
+    """
+)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU every other test compiles the kernels for real")
+@pytest.mark.skipif(
+    tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9), reason="uses triton 3.9's compiler API"
+)
+def test_kernels_compile_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -102,6 +102,15 @@ def test_fsdp_shards_parameters_and_optimizer_state(runs):
     assert (runs["adamw-fsdp"] / "shards").is_dir()  # sharded checkpoint: no rank wrote the whole model
 
 
+def test_consolidated_export_of_a_sharded_checkpoint(runs, tmp_path):
+    cmd = [sys.executable, "-m", "nanogpt2.checkpoint", str(runs["adamw-fsdp"]), "--out", str(tmp_path / "model.pt")]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert exported["config"]["n_layer"] == 2
+    assert max_weight_diff(tmp_path / "model.pt", runs["adamw-fsdp"]) == 0.0
+
+
 @pytest.mark.parametrize(
     "first, then",
     [("fsdp", "plain"), ("fsdp", "fsdp"), ("fsdp", "ddp"), ("ddp", "fsdp")],

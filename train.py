@@ -54,7 +54,7 @@ DEVICE_DEFAULTS = {
 RUN_FLAGS = ("preset", "data", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "decay_steps",
              "weight_decay", "grad_clip", "seed", "dropout", "beta1", "beta2", "optimizer", "block_size", "pos_emb",
              "n_kv_head", "window")  # fmt: skip
-HOW_FLAGS = ("fsdp", "activation_checkpointing", "compile")  # on/off switches a resumed run sets afresh
+HOW_FLAGS = ("fsdp", "activation_checkpointing", "compile", "attn")  # how to run: a resumed run chooses afresh
 MODEL_FLAGS = ("block_size", "pos_emb", "n_kv_head", "window", "dropout")  # flags that override the preset's config
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, for MFU
 SAMPLE_TOKENS = 64
@@ -94,9 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window", type=int, help="sliding-window attention over this many keys (default: the preset's)")
     g.add_argument(
         "--attn",
-        choices=["torch", "triton"],
-        default="torch",
-        help="attention/RoPE implementation: torch (SDPA) or triton (kernels/, CUDA) (default: torch)",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="attention/RoPE implementation: torch (SDPA) or triton (the kernels in kernels/, CUDA only) "
+        "(default: auto: triton on CUDA, torch on CPU)",
     )
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--max-steps", type=int, help=f"optimizer steps to train for {dflt('max_steps')}")
@@ -203,6 +204,8 @@ def resolve_device(name: str) -> torch.device:
 def fill_defaults(args: argparse.Namespace, device: torch.device, world_size: int) -> None:
     """Fill the flags left unset with the device's defaults."""
     defaults = DEVICE_DEFAULTS[device.type]
+    if args.attn == "auto":
+        args.attn = "triton" if device.type == "cuda" else "torch"
     for key in ("preset", "batch_size", "seq_len", "max_steps", "lr", "eval_every", "eval_batches"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])

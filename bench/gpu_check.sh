@@ -3,7 +3,7 @@
 #   bash bench/gpu_check.sh [RESULTS_DIR]        # default gpu-results/; run from the repository root
 # 1. names the machine and versions; 2. installs wheels from .whl/ (no network) into a --target dir;
 # 3. the test suite on CUDA (kernels compiled for real, one autotune config each); 4. python -m bench.kernels;
-# 5. a short GPT-2 training benchmark with --attn triton, then --attn torch; 6. a summary table, last.
+# 5. a short GPT-2 training benchmark: --attn triton, --attn torch, FSDP on one rank; 6. a summary table, last.
 # Every step runs under its own timeout; a failure is reported, never fatal. Logs: RESULTS_DIR/<step>.log.
 set -u
 cd "$(dirname "$0")/.."
@@ -34,13 +34,17 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 
 # Tests check correctness, not speed: one config per kernel keeps the compilations to one per variant.
-step tests 240 env NANOGPT2_AUTOTUNE=0 python -m pytest -x -q tests
-step bench 180 python -m bench.kernels --json "$RESULTS/bench_kernels.json"
+step tests 180 env NANOGPT2_AUTOTUNE=0 python -m pytest -x -q tests
+step bench 150 python -m bench.kernels --json "$RESULTS/bench_kernels.json"
+TRAIN=(--preset gpt2 --data synthetic --max-steps 30 --eval-batches 2)
 for attn in triton torch; do
-  step "train-$attn" 90 python train.py --preset gpt2 --data synthetic --max-steps 40 --attn "$attn" \
-    --eval-batches 2 --out-dir "$SCRATCH/train-$attn"
+  step "train-$attn" 60 python train.py "${TRAIN[@]}" --attn "$attn" --out-dir "$SCRATCH/train-$attn"
   cp "$SCRATCH/train-$attn/metrics.jsonl" "$RESULTS/train-$attn.metrics.jsonl" 2>/dev/null
 done
+# FSDP on NCCL with one rank: the sharding machinery (all-gathers, reduce-scatters) against the plain run above.
+step train-fsdp 60 python -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${TRAIN[@]}" --fsdp \
+  --out-dir "$SCRATCH/train-fsdp"
+cp "$SCRATCH/train-fsdp/metrics.jsonl" "$RESULTS/train-fsdp.metrics.jsonl" 2>/dev/null
 rm -rf "$SCRATCH"
 
 echo
@@ -71,17 +75,17 @@ if bench.exists():
         print(line)
 else:
     print("no kernel benchmark results")
-for attn in ("triton", "torch"):
+for attn in ("triton", "torch", "fsdp"):
     path = results / f"train-{attn}.metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     rows = [r for r in rows if r["step"] > 10] or rows  # past warm-up and compilation
     if not rows:
-        print(f"train --attn {attn}: no metrics")
+        print(f"train {attn}: no metrics")
         continue
     ms = statistics.median(r["ms"] for r in rows)
     tok_s = statistics.median(r["tok_s"] for r in rows)
     mfu = statistics.median(r.get("mfu", 0.0) for r in rows)
-    print(f"train --attn {attn:<6}: {ms:7.1f} ms/step | {tok_s:10,.0f} tok/s | mfu {100 * mfu:4.1f}% "
+    print(f"train {attn:<7}: {ms:7.1f} ms/step | {tok_s:10,.0f} tok/s | mfu {100 * mfu:4.1f}% "
           f"| loss {rows[-1]['loss']:.3f} (median of {len(rows)} steps)")
 EOF
 echo "step           status           time"

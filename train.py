@@ -415,6 +415,19 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the rows of steps after `step` (a resumed run repeats them), so every step is logged once."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(rows):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 def log_memory(model: GPT, optimizer: torch.optim.Optimizer, dist: DistEnv) -> None:
     """One line per rank: the parameters and optimizer state it holds (1/world of them under FSDP), peak memory."""
     report = memory_report(model, optimizer)
@@ -610,6 +623,8 @@ def train(argv: list[str] | None = None) -> int:
     tokens_per_step = args.batch_size * args.seq_len
     flops_per_step = raw_model.flops_per_token(args.seq_len) * tokens_per_step
     peak = peak_flops(device)
+    if dist.is_main and ckpt:
+        trim_metrics(args.out_dir / "metrics.jsonl", step)
     metrics = open(args.out_dir / "metrics.jsonl", "a") if dist.is_main else None
 
     def save(step: int) -> None:

@@ -80,13 +80,17 @@ def test_resume_is_bitwise(tmp_path, shards):
     assert straight.returncode == 0, straight.stderr
     first = run(tmp_path, *common, "--max-steps", "4", "--decay-steps", "8", "--out-dir", "split")
     assert first.returncode == 0, first.stderr
+    # A crash after step 6 was logged but before it was saved: the checkpoint is still step 4's, the log runs to 6.
+    shutil.copy(tmp_path / "split" / "ckpt.pt", tmp_path / "ckpt-step4.pt")
+    assert run(tmp_path, "--resume", "split", "--max-steps", "6").returncode == 0
+    shutil.copy(tmp_path / "ckpt-step4.pt", tmp_path / "split" / "ckpt.pt")
     second = run(tmp_path, "--resume", "split", "--max-steps", "8")
     assert second.returncode == 0, second.stderr
     assert "resuming at step 4" in second.stdout
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "split"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["rng"][k], b["rng"][k]) for k in a["rng"]) and a["loader"] == b["loader"]
-    keys = ("step", "loss", "lr", "norm", "tokens")  # val_loss differs: the split run also evaluates at its end
+    keys = ("step", "loss", "lr", "norm", "tokens")  # val_loss differs: the split runs also evaluate at their ends
     assert [[r[k] for k in keys] for r in metrics(tmp_path / "straight")] == [
         [r[k] for k in keys] for r in metrics(tmp_path / "split")
     ]

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import rope
 from kernels.rope import check_device, interpreting, store_cast
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -674,15 +675,15 @@ def flash_attention(
     """
     if window is not None and not causal:
         raise ValueError(f"a sliding window needs causal=True, got causal={causal} with window={window}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an integer >= 1, got {window!r}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, T, heads, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, T, H, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
         raise ValueError(f"k and v must both be (B={B}, T={T}, Hkv, D={D}), got {tuple(k.shape)}, {tuple(v.shape)}")
-    if H % k.shape[2] != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the KV heads ({k.shape[2]})")
+    if k.shape[2] == 0 or H % k.shape[2] != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a positive multiple of the KV heads ({k.shape[2]})")
     if D not in _HEAD_DIMS:
         raise ValueError(f"head dim must be one of {_HEAD_DIMS}, got {D}")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -691,6 +692,10 @@ def flash_attention(
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit last stride, got strides {t.stride()}")
     check_device(q, k, v)
+    rows = max(1, rope.MAX_GRID_Y // H)  # sequences whose (batch, head) programs fit one launch's grid
+    if B > rows:
+        slices = [(q[i : i + rows], k[i : i + rows], v[i : i + rows]) for i in range(0, B, rows)]
+        return torch.cat([flash_attention(*qkv, causal=causal, window=window, scale=scale) for qkv in slices])
     scale = D**-0.5 if scale is None else float(scale)
     # A window of T or more keys is plain causal attention; the kernels take T for "no window".
     window = T if window is None else min(window, T)

@@ -196,6 +196,9 @@ def check_device(*tensors: torch.Tensor) -> None:
         )
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis, which holds the batch (times the heads)
+
+
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,4 +226,7 @@ def apply_rope(
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit last stride, got strides {t.stride()}")
     check_device(q, k, cos, sin)
+    if B > MAX_GRID_Y:  # more sequences than one launch's grid holds: rotate the batch in slices
+        rotated = [apply_rope(q[i : i + MAX_GRID_Y], k[i : i + MAX_GRID_Y], cos, sin) for i in range(0, B, MAX_GRID_Y)]
+        return torch.cat([qr for qr, _ in rotated]), torch.cat([kr for _, kr in rotated])
     return _apply_rope_op(q, k, cos, sin, False)

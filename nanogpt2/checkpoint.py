@@ -26,6 +26,7 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers versions
 EOT_TOKEN = 50256  # <|endoftext|> in the GPT-2 vocabulary
 HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation, two names
+HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}
 
 
 class CheckpointError(Exception):
@@ -33,11 +34,12 @@ class CheckpointError(Exception):
 
 
 def hf_cache_dirs() -> list[Path]:
-    """Where Hugging Face keeps downloaded models on this machine."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return [Path(os.environ["HF_HUB_CACHE"])]
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return [hf_home / "hub"]
+    """Where Hugging Face keeps downloaded models on this machine, by huggingface_hub's rules."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # the second is the older name
+        if os.environ.get(variable):
+            return [Path(os.environ[variable])]
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return [Path(os.environ.get("HF_HOME") or cache_home / "huggingface") / "hub"]
 
 
 def resolve_hf_dir(name_or_path: str | Path) -> Path:
@@ -69,7 +71,13 @@ def read_hf_config(hf_dir: Path, **overrides) -> GPTConfig:
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{hf_dir} has no config.json: not a Hugging Face checkpoint directory")
-    hf = json.loads(config_path.read_text())
+    try:
+        hf = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {config_path}: {err}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_path} holds a {type(hf).__name__}, not a config object")
+    hf = {**HF_DEFAULTS, **hf}  # fields a config.json may leave out, with transformers' GPT2Config defaults
     if hf.get("model_type") != "gpt2":
         raise CheckpointError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
     unsupported = {
@@ -95,12 +103,18 @@ def read_hf_config(hf_dir: Path, **overrides) -> GPTConfig:
 
 def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     """The tensors of model.safetensors (preferred) or pytorch_model.bin."""
-    if (hf_dir / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        return load_file(hf_dir / "model.safetensors")
-    if (hf_dir / "pytorch_model.bin").is_file():
-        return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    for name, load in (
+        ("model.safetensors", load_file),
+        ("pytorch_model.bin", lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+    ):
+        if (hf_dir / name).is_file():
+            try:
+                return load(hf_dir / name)
+            except Exception as err:  # torn, truncated or foreign files raise many types; all mean the same here
+                message = f"cannot read {hf_dir / name}: {type(err).__name__}: {err}"
+                raise CheckpointError(message.splitlines()[0]) from None
     raise CheckpointError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
 
 
@@ -115,12 +129,10 @@ def load_hf_gpt2(name_or_path: str | Path, **overrides) -> GPT:
         if key.endswith(HF_BUFFERS) or key == "lm_head.weight":
             continue
         state[f"transformer.{key}"] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
-    if "lm_head.weight" in hf_state and not torch.equal(
-        hf_state["lm_head.weight"], state.get("transformer.wte.weight")
-    ):
+    wte = state.get("transformer.wte.weight")
+    if "lm_head.weight" in hf_state and wte is not None and not torch.equal(hf_state["lm_head.weight"], wte):
         raise CheckpointError(f"{hf_dir}: lm_head is not tied to wte, which GPT-2 requires")
     model = GPT(config)
-    wte = state.get("transformer.wte.weight")
     if wte is not None and config.padded_vocab_size > wte.shape[0]:  # pad the vocab rows, padding never targeted
         state["transformer.wte.weight"] = torch.cat(
             [wte, wte.new_zeros(config.padded_vocab_size - wte.shape[0], wte.shape[1])]
@@ -206,7 +218,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
         return load_hf_gpt2(path, **overrides).to(device)
     try:
         ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-        model = GPT(GPTConfig(**{**ckpt["config"], **overrides}))
+        config = {**ckpt["config"], **overrides}
+        if config.get("attn") == "triton" and "attn" not in overrides and torch.device(device).type != "cuda":
+            config["attn"] = "torch"  # trained on a GPU: the Triton kernels need one, PyTorch's attention does not
+        model = GPT(GPTConfig(**config))
         if "sharded" in ckpt:
             state = {"model": model.state_dict()}
             with warnings.catch_warnings():  # loading without a process group, which DCP warns about

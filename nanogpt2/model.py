@@ -23,6 +23,7 @@ from kernels.reference import apply_rope_ref
 
 POS_EMBS = ("learned", "rope")
 ATTN_IMPLS = ("torch", "triton")
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # the head dims kernels/attention.py compiles for
 
 
 @dataclass
@@ -65,6 +66,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.attn not in ATTN_IMPLS:
             raise ValueError(f"GPTConfig.attn must be one of {ATTN_IMPLS}, got {self.attn!r}")
+        if self.attn == "triton" and self.head_dim not in TRITON_HEAD_DIMS:
+            raise ValueError(f"GPTConfig.attn='triton' needs a head dim in {TRITON_HEAD_DIMS}, got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -250,14 +253,15 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 per weight plus attention's scores and values (PaLM appendix B), causal."""
         cfg = self.config
         n_weights = self.num_params() - (self.transformer.wpe.weight.numel() if cfg.pos_emb == "learned" else 0)
-        visible = min(seq_len, cfg.window or seq_len)  # keys a query sees, at most
-        return 6 * n_weights + 6 * cfg.n_layer * cfg.n_embd * visible
+        w = min(seq_len, cfg.window or seq_len)
+        visible = w - w * w / (2 * seq_len)  # keys a query sees, on average: T/2 causal, about W for a window W << T
+        return 6 * n_weights + 12 * cfg.n_layer * cfg.n_embd * visible
 
     def _rope(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos/sin (T, D/2) for positions start..start+T-1, from the table or computed past block_size."""
         if self.config.pos_emb != "rope":
             return None
-        if start + T <= self.rope_cos.shape[0]:
+        if start + T <= self.rope_cos.shape[0] and self.rope_cos.dtype == torch.float32:  # unless cast by .to()
             return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         return rope_cos_sin(torch.arange(start, start + T, device=device), self.config.head_dim, self.config.rope_base)
 
@@ -284,7 +288,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            vocab_logits = logits[..., : self.config.vocab_size]  # padding columns are no tokens: not in the softmax
+            loss = F.cross_entropy(
+                vocab_logits.reshape(-1, vocab_logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+            )
         return logits, loss
 
     def configure_optimizers(

@@ -21,13 +21,14 @@ from nanogpt2.model import GPT, GPTConfig
 class KVCache:
     """Keys and values of every layer for the tokens seen so far; `seen` counts those tokens.
 
-    Buffers are (n_layer, B, capacity, Hkv, D). A rolling cache (sliding window) writes position p into slot
-    p % capacity and remembers each slot's position; a growing cache (full attention) doubles its capacity on demand.
+    Buffers are (n_layer, B, capacity, Hkv, D), `capacity` a first size: the cache doubles it on demand, up to the
+    window for a sliding-window model. There it becomes a rolling buffer: position p goes to slot p % capacity and
+    each slot remembers its position. Until it is full, slot p holds position p in both kinds, so growing keeps order.
     """
 
     def __init__(self, config: GPTConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device):
-        self.rolling = config.window is not None
-        capacity = min(capacity, config.window) if self.rolling else capacity
+        self.max_capacity = config.window  # None: grows without bound (full attention)
+        capacity = max(1, min(capacity, config.window) if config.window is not None else capacity)
         shape = (config.n_layer, batch, capacity, config.n_kv_head, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -37,10 +38,6 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
     @staticmethod
     def bytes_per_token(config: GPTConfig, dtype: torch.dtype) -> int:
@@ -54,10 +51,10 @@ class KVCache:
         from positions, so the order does not matter).
         """
         T = k.shape[1]
-        if not self.rolling:
-            end = self.seen + T
-            if end > self.capacity:
-                self._grow(end)
+        end = self.seen + T
+        if end > self.capacity and self.capacity != self.max_capacity:
+            self._grow(end)
+        if self.max_capacity is None:
             self.k[layer, :, self.seen : end] = k
             self.v[layer, :, self.seen : end] = v
             return self.k[layer, :, :end], self.v[layer, :, :end], torch.arange(end, device=k.device)
@@ -72,16 +69,20 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         """Record that the T tokens just passed through every layer are now cached."""
-        if self.rolling:
+        if self.max_capacity is not None:
             kept = torch.arange(max(self.seen, self.seen + T - self.capacity), self.seen + T, device=self.k.device)
             self.slot_pos[kept % self.capacity] = kept
         self.seen += T
 
     def _grow(self, needed: int) -> None:
+        """Enlarge every buffer to hold `needed` positions (at least double), never past the window."""
         new_capacity = max(needed, 2 * self.capacity)
+        if self.max_capacity is not None:
+            new_capacity = min(new_capacity, self.max_capacity)
         pad = (*self.k.shape[:2], new_capacity - self.capacity, *self.k.shape[3:])
         self.k = torch.cat([self.k, self.k.new_zeros(pad)], dim=2)
         self.v = torch.cat([self.v, self.v.new_zeros(pad)], dim=2)
+        self.slot_pos = torch.cat([self.slot_pos, self.slot_pos.new_full((new_capacity - len(self.slot_pos),), -1)])
 
 
 def sample_next(
@@ -132,6 +133,17 @@ def generate(
     return idx
 
 
+def parse_device(name: str) -> torch.device:
+    """The device called `name`; ValueError when torch does not know it or it is a GPU this machine lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     from nanogpt2.checkpoint import CheckpointError, load_model
     from nanogpt2.tokenizer import get_encoding
@@ -151,15 +163,22 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --max-new-tokens, --temperature and --top-k must be >= 0, --num-samples >= 1", file=sys.stderr)
         return 2
     try:
-        model = load_model(args.ckpt, device=args.device)
+        device = parse_device(args.device)
+        model = load_model(args.ckpt, device=device)
+        enc = get_encoding()
+        if model.config.vocab_size > enc.n_vocab:
+            raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is not GPT-2's ({enc.n_vocab})")
+        prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+        if max(prompt) >= model.config.vocab_size:
+            raise ValueError(
+                f"the prompt has token {max(prompt)}, past the model's vocabulary of {model.config.vocab_size}"
+            )
     except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 1
     model.eval()
-    enc = get_encoding()
-    prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=args.device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
     out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k or None, not args.no_cache, generator)
     for row in out.tolist():
         print(enc.decode(row))

@@ -10,6 +10,7 @@ import torch
 import triton
 from conftest import DEVICE, assert_matches_ref
 
+import kernels.rope
 from kernels import apply_rope, flash_attention
 from kernels.reference import apply_rope_ref, flash_attention_ref
 
@@ -136,23 +137,36 @@ def test_compiled_matches_eager():
         torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-5)
 
 
+def test_batch_beyond_one_grid_runs_in_slices(monkeypatch):
+    """More (batch, head) pairs than a CUDA grid axis holds: the batch runs in slices, with the same results."""
+    q, k, v = make_qkv(3, 40, 2, 1, 32, torch.float32, "qkv")
+    dout = torch.randn(q.shape, device=DEVICE)
+    whole = attention_and_grads(flash_attention, q, k, v, dout, True, 7)
+    monkeypatch.setattr(kernels.rope, "MAX_GRID_Y", 5)  # 2 sequences of 2 heads a launch: slices of 2 and 1
+    sliced = attention_and_grads(flash_attention, q, k, v, dout, True, 7)
+    for a, b in zip(whole, sliced, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_rejects_bad_inputs(monkeypatch):
     q, k, v = (t.detach() for t in make_qkv(1, 8, 4, 2, 32, torch.float32, "contiguous"))
-    bad = {
-        "window without causal": dict(causal=False, window=4),
-        "window < 1": dict(window=0),
-        "H not a multiple of Hkv": dict(q=q[:, :, :3]),
-        "head dim 24": dict(q=q[..., :24], k=k[..., :24], v=v[..., :24]),
-        "k/v shape mismatch": dict(v=v[:, :7]),
-        "3-D q": dict(q=q[0]),
-        "dtype mismatch": dict(k=k.half()),
-        "float64": dict(q=q.double(), k=k.double(), v=v.double()),
-        "last stride 2": dict(q=torch.randn(1, 8, 4, 64, device=DEVICE)[..., ::2]),
-        "device mismatch": dict(v=v.to("meta")),
+    bad = {  # case: (arguments, what the message must name)
+        "window without causal": (dict(causal=False, window=4), "causal=False"),
+        "window < 1": (dict(window=0), "got 0"),
+        "float window": (dict(window=2.5), "got 2.5"),
+        "H not a multiple of Hkv": (dict(q=q[:, :, :3]), r"heads \(3\).*KV heads \(2\)"),
+        "no KV heads": (dict(k=k[:, :, :0], v=v[:, :, :0]), r"KV heads \(0\)"),
+        "head dim 24": (dict(q=q[..., :24], k=k[..., :24], v=v[..., :24]), "got 24"),
+        "k/v shape mismatch": (dict(v=v[:, :7]), r"\(1, 7, 2, 32\)"),
+        "3-D q": (dict(q=q[0]), r"\(8, 4, 32\)"),
+        "dtype mismatch": (dict(k=k.half()), "torch.float16"),
+        "float64": (dict(q=q.double(), k=k.double(), v=v.double()), "torch.float64"),
+        "last stride 2": (dict(q=torch.randn(1, 8, 4, 64, device=DEVICE)[..., ::2]), r"strides \(2048, 256, 64, 2\)"),
+        "device mismatch": (dict(v=v.to("meta")), "meta"),
     }
-    for case, kwargs in bad.items():
+    for case, (kwargs, message) in bad.items():
         args = dict(q=q, k=k, v=v, causal=True, window=None) | kwargs
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=message):
             flash_attention(**args)
             pytest.fail(f"accepted {case}")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -1,12 +1,14 @@
 """The model against references nobody here wrote: HF transformers' GPT-2 and a naive masked softmax."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import DEVICE
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kernels.reference import flash_attention_ref
-from nanogpt2.checkpoint import CheckpointError, load_model
+from nanogpt2.checkpoint import CheckpointError, load_model, save_training_checkpoint
 from nanogpt2.model import GPT, PRESETS, GPTConfig, attend
 from nanogpt2.sample import KVCache, generate
 
@@ -69,6 +71,8 @@ def test_padded_vocab_loads_and_matches(tmp_path):
     idx = torch.randint(0, 101, (1, 16))
     with torch.no_grad():
         assert (model(idx)[0][..., :101] - hf(idx).logits).abs().max() <= 1e-4
+        loss = model(idx[:, :-1], idx[:, 1:])[1]  # the padding columns are no tokens: not in the softmax
+        assert abs(loss.item() - hf(idx, labels=idx).loss.item()) <= 1e-4
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -120,6 +124,32 @@ def test_load_model_reads_a_hf_directory(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: (p / "config.json").write_text("{not json"), "cannot read .*config.json"),
+        (lambda p: (p / "config.json").write_text("[1, 2]"), "holds a list"),
+        # transformers' defaults fill what config.json leaves out: here n_embd 768, which these weights are not
+        (lambda p: (p / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}'), "has shape .* expected"),
+        (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 100), "cannot read .*model.safetensors"),
+    ],
+    ids=["bad-json", "not-an-object", "missing-fields", "torn-weights"],
+)
+def test_damaged_hf_directory_is_one_clear_error(tmp_path, damage, message):
+    path, _ = hf_checkpoint(tmp_path, **HF_SHAPES[0])
+    damage(path)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
+
+
+def test_gpu_trained_checkpoint_loads_for_cpu_inference(tmp_path):
+    """A run trained with attn="triton" (the default on CUDA) samples on a CPU through PyTorch's attention."""
+    config = GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, n_embd=32, pos_emb="rope", attn="triton")
+    save_training_checkpoint(tmp_path, {"config": config.to_dict(), "model": GPT(config).state_dict(), "step": 1})
+    assert load_model(tmp_path, device="cpu").config.attn == "torch"
+    assert load_model(tmp_path, device="cpu", attn="triton").config.attn == "triton"  # asked for: kept
+
+
+@pytest.mark.parametrize(
     "name, params",
     [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)],
 )
@@ -153,6 +183,7 @@ def test_variant_presets():
         (dict(n_layer=0), "n_layer"),
         (dict(vocab_size=-1), "vocab_size"),
         (dict(rope_base=1.0), "rope_base"),
+        (dict(n_embd=96, attn="triton"), "head dim in"),
     ],
 )
 def test_bad_configs_are_rejected(kwargs, message):
@@ -202,13 +233,16 @@ def test_cached_generation_equals_recomputing(variant, temperature):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cache_logits_match_full_forward(variant):
-    """Feeding a sequence token by token (and in chunks) through the cache gives the full forward's logits."""
+    """Feeding a sequence token by token (and in chunks) through the cache gives the full forward's logits.
+
+    A first capacity of 3, below the windows (5, 7), makes the cache grow: to the window, then it rolls.
+    """
     model = make_model(variant, block_size=40)
     idx = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
         full, _ = model(idx)
-        for chunks in ([1] * 40, [11, 3, 1, 25]):
-            cache = KVCache(model.config, 2, 40, torch.float32, idx.device)
+        for capacity, chunks in itertools.product((40, 3), ([1] * 40, [11, 3, 1, 25], [2] * 20)):
+            cache = KVCache(model.config, 2, capacity, torch.float32, idx.device)
             start, pieces = 0, []
             for n in chunks:
                 pieces.append(model(idx[:, start : start + n], kv_cache=cache)[0])
@@ -228,6 +262,15 @@ def test_rope_runs_past_block_size():
     with torch.no_grad():
         logits, _ = model(torch.randint(0, 97, (1, 20)))
     assert logits.shape == (1, 20, 97) and torch.isfinite(logits).all()
+
+
+def test_flops_per_token_count_visible_keys():
+    base = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    swa = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32, window=8))
+    weights = 6 * (base.num_params() - 64 * 32)
+    assert base.flops_per_token(64) == weights + 12 * 2 * 32 * 32  # a query sees T/2 keys on average
+    assert swa.flops_per_token(64) == weights + 12 * 2 * 32 * (8 - 64 / 128)  # (1 + ... + 8 + 8 * 56) / 64
+    assert swa.flops_per_token(8) == base.flops_per_token(8)  # a window >= T is causal attention
 
 
 def test_learned_positions_refuse_past_block_size():
@@ -277,3 +320,18 @@ def test_triton_attention_matches_torch_in_the_model(variant):
     assert abs(results["triton"][0] - results["torch"][0]) <= 1e-5
     for name, grad in results["torch"][1].items():
         assert (results["triton"][1][name] - grad).abs().max() <= 1e-5, name
+
+
+def test_bf16_rope_model_keeps_float32_rotary_tables():
+    """model.to(bfloat16) casts buffers; the rotary angles must stay float32, for both attention paths."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=64, pos_emb="rope")
+    models = {impl: GPT(GPTConfig(attn=impl, **shape)).to(DEVICE) for impl in ("torch", "triton")}
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    idx = torch.randint(0, 97, (1, 32), device=DEVICE)
+    with torch.no_grad():
+        ref = models["torch"](idx)[0].double()
+        for model in models.values():
+            cos, sin = model.to(torch.bfloat16)._rope(0, 32, DEVICE)
+            assert cos.dtype == sin.dtype == torch.float32
+            assert (model(idx)[0].double() - ref).abs().max() <= 0.1  # bf16 weights and activations

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import DEVICE, assert_matches_ref
 
+import kernels.rope
 from kernels import apply_rope
 from kernels.reference import apply_rope_ref
 
@@ -62,24 +63,36 @@ def test_matches_reference(B, T, H, Hkv, D, dtype, layout):
         assert_matches_ref(g, r, r_lowp)
 
 
+def test_batch_beyond_one_grid_runs_in_slices(monkeypatch):
+    """More sequences than a CUDA grid axis holds: the batch is rotated in slices, with the same results."""
+    q, k = make_qk(5, 9, 4, 2, 32, torch.float32, "contiguous")
+    cos, sin = rope_tables(9, 32)
+    whole = apply_rope(q, k, cos, sin)
+    monkeypatch.setattr(kernels.rope, "MAX_GRID_Y", 2)
+    sliced = apply_rope(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced, strict=True))
+    grads = [torch.autograd.grad(out, (q, k), torch.ones_like(out)) for out in (whole[0], sliced[0])]
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 def test_rejects_bad_inputs(monkeypatch):
     q, k = (t.detach() for t in make_qk(1, 8, 4, 2, 32, torch.float32, "contiguous"))
     cos, sin = rope_tables(8, 32)
-    bad = {
-        "odd head dim": dict(q=q[..., :31], k=k[..., :31], cos=cos[:, :15], sin=sin[:, :15]),
-        "k head dim differs": dict(k=k[..., :16]),
-        "k length differs": dict(k=k[:, :7]),
-        "3-D q": dict(q=q[0]),
-        "dtype mismatch": dict(k=k.half()),
-        "float64": dict(q=q.double(), k=k.double()),
-        "cos shape": dict(cos=cos[:7]),
-        "sin dtype": dict(sin=sin.half()),
-        "last stride 2": dict(q=torch.randn(1, 8, 4, 64, device=DEVICE)[..., ::2]),
-        "device mismatch": dict(k=k.to("meta")),
+    bad = {  # case: (arguments, what the message must name)
+        "odd head dim": (dict(q=q[..., :31], k=k[..., :31], cos=cos[:, :15], sin=sin[:, :15]), "got 31"),
+        "k head dim differs": (dict(k=k[..., :16]), r"\(1, 8, 2, 16\)"),
+        "k length differs": (dict(k=k[:, :7]), r"\(1, 7, 2, 32\)"),
+        "3-D q": (dict(q=q[0]), r"\(8, 4, 32\)"),
+        "dtype mismatch": (dict(k=k.half()), "torch.float16"),
+        "float64": (dict(q=q.double(), k=k.double()), "torch.float64"),
+        "cos shape": (dict(cos=cos[:7]), r"got \(7, 16\)"),
+        "sin dtype": (dict(sin=sin.half()), "torch.float16"),
+        "last stride 2": (dict(q=torch.randn(1, 8, 4, 64, device=DEVICE)[..., ::2]), r"strides \(2048, 256, 64, 2\)"),
+        "device mismatch": (dict(k=k.to("meta")), "meta"),
     }
-    for case, kwargs in bad.items():
+    for case, (kwargs, message) in bad.items():
         args = dict(q=q, k=k, cos=cos, sin=sin) | kwargs
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=message):
             apply_rope(**args)
             pytest.fail(f"accepted {case}")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -30,3 +30,21 @@ def test_sample_cli_missing_checkpoint_is_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "nope" in result.stderr
+
+
+def test_sample_cli_bad_input_is_one_clear_line(tmp_path):
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path
+    )
+    cases = {
+        "past the model's vocabulary of 101": ["--ckpt", str(tmp_path), "--prompt", "Hello", "--device", "cpu"],
+        "--device gpu": ["--ckpt", str(tmp_path), "--device", "gpu"],
+    }
+    if not torch.cuda.is_available():
+        cases["no CUDA device"] = ["--ckpt", str(tmp_path), "--device", "cuda"]
+    for message, args in cases.items():
+        result = run_sample(*args)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr

@@ -39,7 +39,16 @@ from nanogpt2.checkpoint import (
 )
 from nanogpt2.data import BatchLoader, DataError, open_corpus
 from nanogpt2.model import GPT, POS_EMBS, PRESETS, GPTConfig
-from nanogpt2.parallel import DistEnv, all_reduce_mean, cleanup, grad_sync, init_distributed, memory_report, parallelize
+from nanogpt2.parallel import (
+    DistEnv,
+    all_reduce_mean,
+    any_rank,
+    cleanup,
+    grad_sync,
+    init_distributed,
+    memory_report,
+    parallelize,
+)
 from nanogpt2.tokenizer import EOT, decode
 
 # Defaults that depend on the device: a run of a few minutes on a 2-core CPU, GPT-2 124M on a GPU.
@@ -257,6 +266,12 @@ def model_config(args: argparse.Namespace, saved: dict | None = None) -> GPTConf
 
 def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int, device: torch.device) -> None:
     """Reject impossible flag combinations with a message that names the flag."""
+    for key in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
+        if not math.isfinite(getattr(args, key)):
+            raise UsageError(f"--{key.replace('_', '-')} must be a finite number, got {getattr(args, key)}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(args, key) < 1.0:
+            raise UsageError(f"--{key} must be in [0, 1), got {getattr(args, key)}")
     positive = ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "lr", "decay_steps")
     for key in positive:
         if getattr(args, key) <= 0:
@@ -415,13 +430,21 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line torn by a crash mid-write, which is then dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop the rows of steps after `step` (a resumed run repeats them), so every step is logged once."""
+    """Drop the rows of steps after `step` (a resumed run repeats them) and torn rows: every step is logged once."""
     if not path.exists():
         return
     with open(path) as f:
         rows = [line for line in f if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    kept = [line for line in rows if logged_step(line) <= step]
     if len(kept) < len(rows):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(kept))
@@ -679,11 +702,12 @@ def train(argv: list[str] | None = None) -> int:
             if metrics:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-            if (args.save_every and step % args.save_every == 0) or last_step or stop.requested:
+            stopping = any_rank(stop.requested, device)  # a Ctrl-C that reached some ranks stops them all
+            if (args.save_every and step % args.save_every == 0) or last_step or stopping:
                 save(step)
             if args.sample_every and step % args.sample_every == 0 and not last_step:
                 print0(dist, f"sample: {sample_text(raw_model, args.seed, device)!r}")  # every rank: FSDP's forward
-            if stop.requested:
+            if stopping:
                 print0(
                     dist,
                     f"interrupted: checkpoint at step {step} in {args.out_dir}; continue with --resume {args.out_dir}",

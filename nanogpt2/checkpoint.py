@@ -230,7 +230,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
             model.load_state_dict(state["model"])
         else:
             model.load_state_dict(ckpt["model"])
-    except Exception as err:  # torch.load and DCP raise many types on torn or foreign files; all mean the same here
+    except (Exception, dcp.CheckpointException) as err:  # torch.load and DCP raise many types on torn files
         raise CheckpointError(
             f"cannot load checkpoint {ckpt_file}: {type(err).__name__}: {err}".splitlines()[0]
         ) from None
@@ -313,6 +313,8 @@ def load_training_checkpoint(out_dir: str | Path) -> dict:
         missing = [k for k in ("model", "optimizer") if k not in ckpt]
     if missing:
         raise CheckpointError(f"cannot resume: {path} is not a training checkpoint (missing {', '.join(missing)})")
+    if "sharded" in ckpt and not (out_dir / ckpt["sharded"] / ".metadata").is_file():
+        raise CheckpointError(f"cannot resume: {path} points to {out_dir / ckpt['sharded']}, which is missing or torn")
     return ckpt
 
 
@@ -339,12 +341,18 @@ def save_train_state(
         )
         if is_main:
             save_training_checkpoint(out_dir, {**meta, "model": model_state, "optimizer": optim_state})
+            shutil.rmtree(out_dir / SHARDS_DIR, ignore_errors=True)  # of a sharded run this one resumed
         barrier()
         return
     name = f"{SHARDS_DIR}/step_{meta['step']:08d}"
-    if not (out_dir / name / ".metadata").is_file():  # .metadata is written last: present means complete
-        model_state, optim_state = get_state_dict(model, optimizer)
+    if is_main:  # left by a run killed before its ckpt.pt pointed there: not this run's state
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    try:
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=out_dir / name)
+    except (dcp.CheckpointException, OSError) as err:
+        raise CheckpointError(f"cannot write sharded checkpoint {out_dir / name}: {err}".splitlines()[0]) from None
     barrier()
     if is_main:
         save_training_checkpoint(out_dir, {**meta, "sharded": name})
@@ -365,7 +373,11 @@ def load_train_state(run_dir: str | Path, ckpt: dict, model: nn.Module, optimize
         state = {"model": model_state, "optimizer": optim_state}
         with warnings.catch_warnings():  # a single process loads without a process group, which DCP warns about
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=Path(run_dir) / ckpt["sharded"])
+            try:
+                dcp.load(state, checkpoint_id=Path(run_dir) / ckpt["sharded"])
+            except dcp.CheckpointException as err:  # a BaseException: every shard's failure, gathered
+                shards = Path(run_dir) / ckpt["sharded"]
+                raise CheckpointError(f"cannot resume from {shards}: {err}".splitlines()[0]) from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     else:
         options = StateDictOptions(full_state_dict=True)

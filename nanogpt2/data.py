@@ -81,13 +81,14 @@ def read_shard(path: str | Path) -> np.ndarray:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
+            raw = f.read(HEADER_BYTES)
     except OSError as e:
         raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
-    if header.size < 3 or header[0] != MAGIC:
-        raise DataError(
-            f"{path}: not a token shard (magic {header[0] if header.size else 'missing'}, expected {MAGIC})"
-        )
+    if len(raw) < HEADER_BYTES:
+        raise DataError(f"{path}: not a token shard ({len(raw)} bytes, shorter than the {HEADER_BYTES}-byte header)")
+    header = np.frombuffer(raw, dtype=np.int32)
+    if header[0] != MAGIC:
+        raise DataError(f"{path}: not a token shard (magic {header[0]}, expected {MAGIC})")
     if header[1] != VERSION:
         raise DataError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
     count = int(header[2])
@@ -270,7 +271,8 @@ def corpus_dir(name: str, root: Path | None = None) -> Path:
             raise DataError(f"cannot create data directory {out.parent}: {e.strerror}") from None
         with tempfile.TemporaryDirectory(prefix=f".{name}-download-", dir=out.parent) as tmp:
             documents = CORPORA[name](Path(tmp))
-            prepare_documents(documents, out, len(documents))
+            if not out.is_dir():  # another process (another rank) may have prepared it while this one downloaded
+                prepare_documents(documents, out, len(documents))
     return out
 
 

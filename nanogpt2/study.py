@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,7 @@ BUDGETS: dict[str, dict] = {
 
 
 def train_command(budget: dict, variant: str, seed: int, out_dir: Path) -> list[str]:
-    """The train.py command line of one run."""
+    """The train.py command line of one run: python, train.py, then `--flag value` pairs."""
     v = VARIANTS[variant]
     cmd = [sys.executable, str(REPO / "train.py"), "--preset", budget["preset"], "--data", budget["data"]]
     for flag in ("seq_len", "batch_size", "max_steps", "eval_every", "eval_batches", "lr", "warmup_steps", "device"):
@@ -67,12 +68,46 @@ def train_command(budget: dict, variant: str, seed: int, out_dir: Path) -> list[
     return cmd
 
 
+def made_by(run_dir: Path, cmd: list[str]) -> bool:
+    """Whether the run in run_dir was started by this train.py command line (wherever its directory now is)."""
+    try:
+        recorded = json.loads((run_dir / "run.json").read_text())["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    flags = cmd[2:]
+    wanted = {flags[i][2:].replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
+    wanted.pop("out_dir")
+    return all(str(recorded.get(name)) == value for name, value in wanted.items())
+
+
+def run_training(run_dir: Path, cmd: list[str]) -> tuple[bool, str]:
+    """Bring the run in run_dir to its end: reuse it when this command completed it, else train it anew.
+
+    Returns (success, what was done). An incomplete run, one without its checkpoint (committed results have none)
+    or one another command made is cleared first: the study owns runs/.
+    """
+    complete = all((run_dir / name).is_file() for name in ("ckpt.pt", "summary.json"))
+    if complete and made_by(run_dir, cmd):
+        return True, "complete, reused"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    return done.returncode == 0, "trained"
+
+
 @torch.no_grad()
-def val_loss_at(model: GPT, corpus, seq_len: int, batches: int, device: str) -> float | None:
-    """Mean val loss over `batches` batches of 4 x seq_len tokens; None where the model cannot see that far."""
+def val_loss_at(model: GPT, corpus, seq_len: int, eval_tokens: int, batches: int, device: str) -> float | None:
+    """Mean val loss over sequences of seq_len tokens; None where the model cannot see that far.
+
+    Reads `batches` batches of `eval_tokens` tokens from the start of the val split, cut into rows of seq_len: the
+    same tokens at every length.
+    """
     if model.config.pos_emb == "learned" and seq_len > model.config.block_size:
         return None
-    loader = BatchLoader(corpus.val, rows=4, seq_len=seq_len, vocab_size=model.config.vocab_size)
+    rows = max(1, eval_tokens // seq_len)
+    loader = BatchLoader(corpus.val, rows=rows, seq_len=seq_len, vocab_size=model.config.vocab_size)
     losses = []
     for _ in range(batches):
         x, y = loader.next_batch()
@@ -103,7 +138,7 @@ def kv_cache_bytes(model: GPT, context: int, dtype: torch.dtype) -> int:
     return held * KVCache.bytes_per_token(model.config, dtype)
 
 
-def measure_run(run_dir: Path, budget: dict, corpus) -> dict:
+def measure_run(run_dir: Path, budget: dict) -> dict:
     """The numbers of one finished run: from its metrics and summary, and from its checkpoint."""
     metrics = read_metrics(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -113,6 +148,9 @@ def measure_run(run_dir: Path, budget: dict, corpus) -> dict:
     model = load_model(run_dir, device=device).eval()
     T = budget["seq_len"]
     long_context = 4 * T
+    args = json.loads((run_dir / "run.json").read_text())["args"]
+    eval_tokens = args["batch_size"] // args["grad_accum"] * T  # a micro-batch, as train.py evaluates
+    corpus = open_corpus(budget["data"], seed=args["seed"])  # the seed picks synthetic data's tokens
     return {
         "params": model.num_params(),
         "train_loss": statistics.fmean(r["loss"] for r in steps[-10:]),
@@ -120,9 +158,9 @@ def measure_run(run_dir: Path, budget: dict, corpus) -> dict:
         "tokens": steps[-1]["tokens"],
         "tokens_per_s": summary["tokens_per_s"],
         "peak_mem_mib": summary["peak_mem_mib"],
-        "val_loss_1x": val_loss_at(model, corpus, T, budget["eval_batches"], device),
-        "val_loss_2x": val_loss_at(model, corpus, 2 * T, budget["eval_batches"], device),
-        "val_loss_4x": val_loss_at(model, corpus, 4 * T, budget["eval_batches"], device),
+        "val_loss_1x": val_loss_at(model, corpus, T, eval_tokens, budget["eval_batches"], device),
+        "val_loss_2x": val_loss_at(model, corpus, 2 * T, eval_tokens, budget["eval_batches"], device),
+        "val_loss_4x": val_loss_at(model, corpus, 4 * T, eval_tokens, budget["eval_batches"], device),
         "kv_bytes_per_token": KVCache.bytes_per_token(model.config, torch.bfloat16),
         "kv_bytes_long_context": kv_cache_bytes(model, long_context, torch.bfloat16),
         "long_context": long_context,
@@ -206,8 +244,9 @@ def write_report(out: Path, budget_name: str, budget: dict, table: dict[str, dic
         "",
         "## What the variants are for: longer context and a smaller cache",
         "",
-        f"Val loss with sequences of 1x, 2x and 4x the training context ({T} tokens). Learned positions end at "
-        "block_size, so models with them cannot be evaluated past it (n/a). KV cache in bf16 at "
+        f"Val loss with sequences of 1x, 2x and 4x the training context ({T} tokens), each over the same val "
+        "tokens as the training runs' evaluation (so the first column is the val loss above). Learned "
+        "positions end at block_size, so models with them cannot be evaluated past it (n/a). KV cache in bf16 at "
         f"{4 * T} tokens, for one sequence.",
         "",
         f"| variant | val loss @ {T} | @ {2 * T} | @ {4 * T} | KV cache @ {4 * T} tokens (KiB) |",
@@ -235,26 +274,20 @@ def main(argv: list[str] | None = None) -> int:
         budget["seeds"] = args.seeds
     if args.data is not None:
         budget["data"] = args.data
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # train.py runs from the repository root
     variants = ["base", *[v for v in args.variants if v != "base"]]  # the baseline is always run
-    corpus = open_corpus(budget["data"], seed=0)
     results: dict[str, list[dict]] = {}
     for variant in variants:
         for seed in range(budget["seeds"]):
             run_dir = out / "runs" / f"{variant}-seed{seed}"
             cmd = train_command(budget, variant, seed, run_dir)
             print(f"[study] {variant} seed {seed}: {' '.join(cmd[1:])}", flush=True)
-            if (run_dir / "summary.json").is_file():
-                print(f"[study] {run_dir} is complete, reusing it", flush=True)
-            else:
-                log = run_dir.parent / f"{run_dir.name}.log"
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with log.open("w") as f:
-                    done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-                if done.returncode != 0:
-                    print(f"error: {variant} seed {seed} failed; see {log}", file=sys.stderr)
-                    return 1
-            results.setdefault(variant, []).append(measure_run(run_dir, budget, corpus))
+            ok, what = run_training(run_dir, cmd)
+            if not ok:
+                print(f"error: {variant} seed {seed} failed; see {run_dir.parent / run_dir.name}.log", file=sys.stderr)
+                return 1
+            print(f"[study] {run_dir}: {what}", flush=True)
+            results.setdefault(variant, []).append(measure_run(run_dir, budget))
     table = summarize(results)
     command = "python -m nanogpt2.study " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "results.json").write_text(json.dumps({"budget": budget, "runs": results, "summary": table}, indent=1))

@@ -71,6 +71,13 @@ def test_bad_headers(tmp_path, kwargs, message):
         read_shard(tmp_path / "bad.bin")
 
 
+@pytest.mark.parametrize("raw", [b"", b"ab", b"\x00" * 1023], ids=["empty", "2-bytes", "1023-bytes"])
+def test_file_shorter_than_a_header(tmp_path, raw):
+    (tmp_path / "tiny.bin").write_bytes(raw)
+    with pytest.raises(DataError, match=f"{len(raw)} bytes, shorter than the 1024-byte header"):
+        read_shard(tmp_path / "tiny.bin")
+
+
 def test_prepare_documents_and_split(tmp_path):
     (tmp_path / "texts").mkdir()
     docs = {"a.txt": "First document. " * 200, "b.txt": "Second one, with ünïcode 🚀. " * 300}

@@ -6,6 +6,7 @@ Every run is the real command line: `python -m torch.distributed.run --nproc_per
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -123,6 +124,42 @@ def test_resume_across_modes_and_world_sizes(runs, tmp_path, first, then):
     train(run_dir, "--resume", str(run_dir), "--max-steps", "4", **kw)
     uninterrupted, resumed = losses(runs["adamw-plain"]), losses(run_dir)
     assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-4 for s in (3, 4))
+    assert (run_dir / "shards").is_dir() == (then == "fsdp")  # a whole-file checkpoint leaves no stale shards
+
+
+@pytest.mark.parametrize("damage", ["one shard file", "all shards"])
+def test_damaged_sharded_checkpoint_is_one_clear_error(runs, tmp_path, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["half-fsdp"], run_dir)
+    if damage == "one shard file":
+        next((run_dir / "shards").glob("*/*.distcp")).unlink()
+    else:
+        shutil.rmtree(run_dir / "shards")
+    result = train(run_dir, "--resume", str(run_dir), "--max-steps", "4", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot resume")
+    assert (run_dir / "ckpt.pt").is_file()  # nothing written over
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
+    """SIGINT that reaches one rank only: all ranks agree to save and stop at the same step, none hangs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py")]
+    cmd += [*TINY, "--out-dir", str(tmp_path / "out"), "--max-steps", "100000", "--save-every", "0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 3/"):
+                ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+                os.kill(int(max(ranks, key=int)), signal.SIGINT)  # the later-started worker only
+                break
+        out, err = proc.communicate(timeout=60)
+    finally:  # a hang fails the test above; leave no job behind
+        subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)])
+        proc.kill()
+    assert "interrupted: checkpoint at step" in out, err[-3000:]
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] >= 3 and ckpt["step"] == losses(tmp_path / "out").popitem()[0]
 
 
 def test_bad_data_on_one_rank_stops_every_rank(tmp_path):

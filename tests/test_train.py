@@ -80,10 +80,13 @@ def test_resume_is_bitwise(tmp_path, shards):
     assert straight.returncode == 0, straight.stderr
     first = run(tmp_path, *common, "--max-steps", "4", "--decay-steps", "8", "--out-dir", "split")
     assert first.returncode == 0, first.stderr
-    # A crash after step 6 was logged but before it was saved: the checkpoint is still step 4's, the log runs to 6.
+    # A crash after step 6 was logged but before it was saved, mid-way through a line: the checkpoint is still step
+    # 4's, the log runs to 6 and ends in a torn line.
     shutil.copy(tmp_path / "split" / "ckpt.pt", tmp_path / "ckpt-step4.pt")
     assert run(tmp_path, "--resume", "split", "--max-steps", "6").returncode == 0
     shutil.copy(tmp_path / "ckpt-step4.pt", tmp_path / "split" / "ckpt.pt")
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 1')
     second = run(tmp_path, "--resume", "split", "--max-steps", "8")
     assert second.returncode == 0, second.stderr
     assert "resuming at step 4" in second.stdout
@@ -147,6 +150,9 @@ def bad_shard(tmp: Path, kind: str) -> str:
         (lambda t: ["--data", "synthetic", "--grad-accum", "3"], "--batch-size 4 does not divide into --grad-accum 3"),
         (lambda t: ["--data", "synthetic", "--dropout", "1.5"], "GPTConfig.dropout must be in [0, 1)"),
         (lambda t: ["--data", "synthetic", "--min-lr", "1"], "--min-lr 1.0 exceeds --lr"),
+        (lambda t: ["--data", "synthetic", "--beta1", "1.5"], "--beta1 must be in [0, 1), got 1.5"),
+        (lambda t: ["--data", "synthetic", "--beta2", "-1"], "--beta2 must be in [0, 1), got -1.0"),
+        (lambda t: ["--data", "synthetic", "--lr", "nan"], "--lr must be a finite number, got nan"),
         (lambda t: ["--data", "synthetic", "--out-dir", str(t / "file" / "out")], "cannot write to --out-dir"),
         (lambda t: ["--resume", str(t / "nowhere")], "is not a directory"),
         (lambda t: ["--resume", str(t)], "holds no checkpoint (ckpt.pt)"),

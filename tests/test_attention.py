@@ -96,13 +96,18 @@ def test_gqa_backward_is_deterministic():
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the rows before the checked ones do read the NaN keys
 def test_window_never_reads_keys_outside_the_band():
-    """Keys far before the window of the last rows are NaN: those rows (and their dq) must still come out right."""
-    T, W, first_row = 600, 64, 500
+    """Keys before the window of the last rows' tiles are NaN: those rows (and their dq) must still come out right.
+
+    fp32 runs the (BLOCK_M, BLOCK_N) = (64, 32) config of the forward and dq kernels everywhere, so the programs of
+    rows 512.. need keys from 449 on, all in the key tiles from 448 on. Every key before 448 is NaN: a program that
+    read one tile more than its band would turn out NaN (0 * NaN in p @ v).
+    """
+    T, W, first_row = 600, 64, 512
     q, k, v = make_qkv(1, T, 2, 1, 32, torch.float32, "contiguous")
     dout = torch.zeros(1, T, 2, 32, device=DEVICE)
     dout[:, first_row:] = torch.randn(1, T - first_row, 2, 32, device=DEVICE)
     ref = attention_and_grads(flash_attention_ref, q, k, v, dout, True, W)
-    far = first_row - W - 256  # beyond any tile (<= 128 rows) that the last rows' programs may touch
+    far = 448
     with torch.no_grad():
         k[:, :far] = float("nan")
         v[:, :far] = float("nan")

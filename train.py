@@ -424,10 +424,15 @@ def prepare_out_dir(out_dir: Path, resuming: bool) -> None:
         raise UsageError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}") from None
 
 
-def write_json(path: Path, obj: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp file renamed over `path`: a crash leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def logged_step(line: str) -> float:
@@ -446,9 +451,7 @@ def trim_metrics(path: Path, step: int) -> None:
         rows = [line for line in f if line.strip()]
     kept = [line for line in rows if logged_step(line) <= step]
     if len(kept) < len(rows):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(kept))
 
 
 def log_memory(model: GPT, optimizer: torch.optim.Optimizer, dist: DistEnv) -> None:

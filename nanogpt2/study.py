@@ -90,9 +90,8 @@ def run_training(run_dir: Path, cmd: list[str]) -> tuple[bool, str]:
     if complete and made_by(run_dir, cmd):
         return True, "complete, reused"
     shutil.rmtree(run_dir, ignore_errors=True)
-    log = run_dir.parent / f"{run_dir.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{run_dir}.log", "w") as f:
         done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     return done.returncode == 0, "trained"
 
@@ -284,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[study] {variant} seed {seed}: {' '.join(cmd[1:])}", flush=True)
             ok, what = run_training(run_dir, cmd)
             if not ok:
-                print(f"error: {variant} seed {seed} failed; see {run_dir.parent / run_dir.name}.log", file=sys.stderr)
+                print(f"error: {variant} seed {seed} failed; see {run_dir}.log", file=sys.stderr)
                 return 1
             print(f"[study] {run_dir}: {what}", flush=True)
             results.setdefault(variant, []).append(measure_run(run_dir, budget))

@@ -1,0 +1,115 @@
+"""Every command that README.md's shell blocks and `train.py --help` show runs as shown, on this CPU.
+
+The commands are read from the documents themselves, so a new or changed command is tested without editing this
+file. Each runs in a fresh working directory with small flags appended (argparse keeps the last value of a flag),
+so a training command runs two steps; torchrun runs at most two processes (`--standalone`, gloo). A command that
+continues a run (`--resume out`, `--ckpt out`) finds a finished run in `out/`. Commands that cannot run here are
+left out by the rules in NOT_RUN_HERE, each with its reason, and each rule must match at least one command.
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# (what marks the command, why it is not run here).
+NOT_RUN_HERE = [
+    ("pip install", "installing is what .ci/run proves, in a fresh virtualenv"),
+    ("pytest", "the test command is the one running this test"),
+    ("HOST", "multi-node needs a second machine"),
+]
+SHORT = {
+    "train.py": ["--max-steps", "2", "--eval-every", "2", "--eval-batches", "1"],
+    "nanogpt2.sample": ["--max-new-tokens", "4"],
+}
+
+
+def split_commands(lines: list[str]) -> list[str]:
+    """Shell lines -> commands: backslash continuations joined, `&&` chains split, comments dropped."""
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    commands = []
+    for line in joined.splitlines():
+        line = " ".join(shlex.split(line, comments=True))
+        commands += [part.strip() for part in line.split("&&") if part.strip()]
+    return commands
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```(?:bash|sh|shell)\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    return split_commands([line for block in blocks for line in block.splitlines()])
+
+
+def help_commands() -> list[str]:
+    help_text = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    return split_commands([line for line in help_text.splitlines() if line.lstrip().startswith(("python ", "torchrun "))])
+
+
+def runnable(commands: list[str]) -> list[str]:
+    return [c for c in commands if not any(mark in c for mark, _ in NOT_RUN_HERE)]
+
+
+DOC_COMMANDS = sorted(set(readme_commands()) | set(help_commands()))
+
+
+def test_documents_show_commands_and_every_exclusion_is_used():
+    assert "python train.py" in DOC_COMMANDS, "README's first command is not in a shell block"
+    assert len(runnable(DOC_COMMANDS)) >= 5, DOC_COMMANDS
+    for mark, why in NOT_RUN_HERE:
+        assert any(mark in c for c in DOC_COMMANDS), f"exclusion {mark!r} ({why}) matches no command: remove it"
+
+
+def argv_for(command: str) -> list[str]:
+    """A documented command -> what runs here: this interpreter, at most 2 torchrun processes, short flags."""
+    argv = shlex.split(command)
+    if argv[0] == "python":
+        argv[0] = sys.executable
+    elif argv[0] == "torchrun":
+        argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
+        argv = [re.sub(r"^(--nproc[_-]per[_-]node)=(\d+)$", lambda m: f"{m[1]}={min(int(m[2]), 2)}", a) for a in argv]
+        if "--standalone" not in argv:
+            argv.insert(3, "--standalone")  # a free port, so parallel test runs cannot collide
+    argv = [str(REPO / a) if a == "train.py" else a for a in argv]  # run from a scratch directory, not the repo
+    for script, flags in SHORT.items():
+        if any(a.endswith(script) for a in argv):
+            argv += flags
+    return argv
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def run(argv: list[str], cwd: Path, data_cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NANOGPT2_DATA_DIR": str(data_cache), "PYTHONPATH": str(REPO)}
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_cache) -> Path:
+    """`out/` of a short default-corpus run, for the commands that continue or sample a run."""
+    cwd = tmp_path_factory.mktemp("finished")
+    done = run(argv_for("python train.py --preset pico") + ["--max-steps", "1"], cwd, data_cache)
+    assert done.returncode == 0, done.stderr
+    return cwd / "out"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [pytest.param(c, marks=[pytest.mark.slow] if c.startswith("torchrun") else []) for c in runnable(DOC_COMMANDS)],
+)
+def test_documented_command_runs(command, tmp_path, data_cache, request):
+    argv = argv_for(command)
+    if re.search(r"--(resume|ckpt) out\b", command):
+        shutil.copytree(request.getfixturevalue("finished_run"), tmp_path / "out")
+    done = run(argv, tmp_path, data_cache)
+    assert done.returncode == 0, f"{shlex.join(argv)} failed:\n{done.stderr[-3000:]}"

@@ -39,3 +39,13 @@ def assert_matches_ref(out, ref, ref_lowp, factor=2.0, atol=1e-3, fp32_atol=1e-5
     else:
         base = (ref_lowp.double() - ref).abs().max().item()
         assert err <= factor * base + atol, f"max error {err:.3g} > {factor} * {base:.3g} + {atol}"
+
+
+# Whole files of multi-process (torchrun) and study runs: `pytest -m "not slow"` leaves them out of the inner loop.
+SLOW_FILES = {"test_distributed.py", "test_study.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)

@@ -397,13 +397,61 @@ def open_corpus(spec: str, vocab_size: int = VOCAB_SIZE, seed: int = 0, root: Pa
 # The batch loader
 
 
-class BatchLoader:
-    """(x, y) micro-batches of shape (rows // world_size, seq_len), int64, read in order from a token stream.
+DATA_ORDERS = ("shuffled", "sequential")
 
-    A global micro-batch is `rows` consecutive windows of seq_len + 1 tokens (each overlapping the next by one, as in
-    llm.c); rank r takes rows [r * rows / world_size, (r + 1) * rows / world_size). Which tokens a micro-batch holds
-    therefore depends on `rows` only, never on world_size. At the end of the stream the loader starts over (the next
-    epoch). `state_dict()` captures the position, so a resumed run reads exactly the batch it would have read next.
+
+class ShuffledWindows:
+    """Window k of an endless run of epochs -> (shard index, offset of the window's first token in that shard).
+
+    A shard of n tokens holds (n - 1) // seq_len windows of seq_len + 1 tokens, starting at multiples of seq_len (the
+    last token of one window is the first of the next, as in llm.c). Epoch e visits every window once: the shards in
+    an order drawn from (seed, e), then each shard's windows in an order drawn from (seed, e, shard). Only the
+    permutations of the shards being read are held, so memory grows with one shard's windows, not with the corpus.
+    """
+
+    def __init__(self, shard_tokens: list[int], seq_len: int, seed: int):
+        self.seq_len, self.seed = seq_len, seed
+        self.counts = [max(0, (n - 1) // seq_len) for n in shard_tokens]  # windows per shard
+        self.per_epoch = sum(self.counts)
+        self._epoch_order: tuple[int, np.ndarray, list[int]] | None = None  # (epoch, shard order, cumulative counts)
+        self._shard_orders: dict[tuple[int, int], np.ndarray] = {}  # (epoch, shard) -> window order, at most two
+
+    def _shards_in(self, epoch: int) -> tuple[np.ndarray, list[int]]:
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
+            cumulative = np.cumsum([0] + [self.counts[s] for s in order]).tolist()
+            self._epoch_order = (epoch, order, cumulative)
+        return self._epoch_order[1], self._epoch_order[2]
+
+    def _windows_in(self, epoch: int, shard: int) -> np.ndarray:
+        key = (epoch, shard)
+        if key not in self._shard_orders:
+            if len(self._shard_orders) >= 2:  # a micro-batch spans at most two shards' windows at a time
+                self._shard_orders.pop(next(iter(self._shard_orders)))
+            rng = np.random.default_rng([self.seed, epoch, shard + 1])
+            self._shard_orders[key] = rng.permutation(self.counts[shard]).astype(np.int64)
+        return self._shard_orders[key]
+
+    def locate(self, k: int) -> tuple[int, int]:
+        epoch, i = divmod(k, self.per_epoch)
+        order, cumulative = self._shards_in(epoch)
+        j = bisect.bisect_right(cumulative, i) - 1  # skips shards too short to hold a window
+        shard = int(order[j])
+        return shard, int(self._windows_in(epoch, shard)[i - cumulative[j]]) * self.seq_len
+
+
+class BatchLoader:
+    """(x, y) micro-batches of shape (rows // world_size, seq_len), int64, from a token stream.
+
+    A global micro-batch is `rows` windows of seq_len + 1 tokens; rank r takes rows [r * rows / world_size,
+    (r + 1) * rows / world_size). The windows form one sequence that micro-batches consume in turn, so which tokens
+    a micro-batch holds depends on `rows` only, never on world_size, and a step of `rows * grad_accum` windows reads
+    the same windows however it is split into micro-batches. The order of the sequence:
+    - "shuffled" (training's default): each epoch visits every window once, in an order drawn from `seed` and the
+      epoch (ShuffledWindows); reads stay memory-mapped.
+    - "sequential": consecutive windows of the stream, each overlapping the next by one token, as in llm.c; at the
+      end of the stream the loader starts over (evaluation reads val this way).
+    `state_dict()` is a few integers, so a resumed run reads exactly the batch it would have read next.
     """
 
     def __init__(
@@ -414,6 +462,8 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         vocab_size: int = VOCAB_SIZE,
+        order: str = "sequential",
+        seed: int = 0,
     ):
         if rows < 1 or seq_len < 1:
             raise DataError(f"batch rows ({rows}) and seq_len ({seq_len}) must be positive")
@@ -421,48 +471,95 @@ class BatchLoader:
             raise DataError(f"{rows} rows per micro-batch do not split evenly across {world_size} ranks")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
+        if order not in DATA_ORDERS:
+            raise DataError(f"data order {order!r} is not one of {', '.join(DATA_ORDERS)}")
         self.stream, self.rows, self.seq_len = stream, rows, seq_len
         self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
         self.local_rows = rows // world_size
-        self.span = rows * seq_len  # tokens a global micro-batch advances the stream by
+        self.span = rows * seq_len  # tokens a sequential global micro-batch advances the stream by
         n = stream.n_tokens
         if n is not None and n < self.span + 1:
             raise DataError(
                 f"{stream.name} holds {n} tokens, fewer than one micro-batch needs "
                 f"({rows} rows x {seq_len} tokens + 1 = {self.span + 1}); use a smaller --batch-size or --seq-len"
             )
-        self.position = 0
-        self.epoch = 0
+        # An endless (synthetic) stream has no epochs to shuffle: it is read in order.
+        self.order = order if n is not None else "sequential"
+        self.seed = seed
+        self.windows = None
+        if self.order == "shuffled":
+            self.windows = ShuffledWindows([len(s) for s in stream.shards], seq_len, seed)
+            if self.windows.per_epoch < rows:
+                raise DataError(
+                    f"{stream.name} holds {self.windows.per_epoch} windows of {seq_len} + 1 tokens inside its shards, "
+                    f"fewer than one micro-batch's {rows} rows; use a smaller --batch-size or --seq-len"
+                )
+        self.position = 0  # sequential: the stream position of the next micro-batch
+        self.epoch = 0  # sequential: passes over the stream started so far
+        self.window = 0  # shuffled: index of the next micro-batch's first window in the endless window sequence
+
+    @property
+    def windows_per_epoch(self) -> int | None:
+        """Windows of seq_len + 1 tokens in one pass over the stream (None for an endless stream)."""
+        n = self.stream.n_tokens
+        if n is None:
+            return None
+        return self.windows.per_epoch if self.windows is not None else (n - 1) // self.seq_len
 
     @property
     def batches_per_epoch(self) -> int | None:
         """Global micro-batches in one pass over the stream (None for an endless stream)."""
-        n = self.stream.n_tokens
-        return None if n is None else (n - 1) // self.span
+        windows = self.windows_per_epoch
+        return None if windows is None else windows // self.rows
 
     def reset(self) -> None:
         """Back to the start of the stream (evaluation reads the same val batches every time)."""
-        self.position, self.epoch = 0, 0
+        self.position, self.epoch, self.window = 0, 0, 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (x, y) of the next global micro-batch."""
+        if self.windows is not None:
+            buf, starts = self._next_shuffled()
+        else:
+            buf, starts = self._next_sequential()
+        bad = np.argwhere(buf >= self.vocab_size)
+        if bad.size:
+            row, col = (int(i) for i in bad[0])
+            where = self.stream.locate(starts[row] + col)
+            raise DataError(f"token id {buf[row, col]} >= vocab size {self.vocab_size} at {where}")
+        t = torch.from_numpy(buf)  # (B, T + 1)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # x (B, T), y (B, T): x shifted by one
+
+    def _next_sequential(self) -> tuple[np.ndarray, list[int]]:
         n = self.stream.n_tokens
         if n is not None and self.position + self.span + 1 > n:
             self.position, self.epoch = 0, self.epoch + 1
         start = self.position + self.rank * self.local_rows * self.seq_len
-        buf = self.stream.read(start, self.local_rows * self.seq_len + 1)
-        bad = np.flatnonzero(buf >= self.vocab_size)
-        if bad.size:
-            where = self.stream.locate(start + int(bad[0]))
-            raise DataError(f"token id {buf[bad[0]]} >= vocab size {self.vocab_size} at {where}")
+        flat = self.stream.read(start, self.local_rows * self.seq_len + 1)
         self.position += self.span
-        t = torch.from_numpy(buf)
-        x = t[:-1].view(self.local_rows, self.seq_len)  # (B, T)
-        y = t[1:].view(self.local_rows, self.seq_len)  # (B, T), x shifted by one
-        return x, y
+        rows = np.lib.stride_tricks.sliding_window_view(flat, self.seq_len + 1)[:: self.seq_len].copy()  # (B, T + 1)
+        return rows, [start + r * self.seq_len for r in range(self.local_rows)]
+
+    def _next_shuffled(self) -> tuple[np.ndarray, list[int]]:
+        first = self.window + self.rank * self.local_rows
+        buf = np.empty((self.local_rows, self.seq_len + 1), dtype=np.int64)  # (B, T + 1)
+        starts = []
+        for r in range(self.local_rows):
+            shard, offset = self.windows.locate(first + r)
+            buf[r] = self.stream.shards[shard][offset : offset + self.seq_len + 1]
+            starts.append(self.stream.offsets[shard] + offset)
+        self.window += self.rows
+        return buf, starts
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "epoch": self.epoch, "n_tokens": self.stream.n_tokens}
+        return {
+            "order": self.order,
+            "position": self.position,
+            "epoch": self.epoch,
+            "window": self.window,
+            "seed": self.seed,
+            "n_tokens": self.stream.n_tokens,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["n_tokens"] != self.stream.n_tokens:
@@ -470,7 +567,15 @@ class BatchLoader:
                 f"the checkpoint's loader read a stream of {state['n_tokens']} tokens, {self.stream.name} has "
                 f"{self.stream.n_tokens}: resume with the same --data"
             )
-        self.position, self.epoch = state["position"], state["epoch"]
+        saved = state.get("order", "sequential")  # checkpoints from before shuffling read in order
+        if saved != self.order:
+            raise DataError(
+                f"the checkpoint read its training data in {saved} order, this run asks for {self.order}: "
+                f"resume with --data-order {saved}"
+            )
+        if saved == "shuffled" and state["seed"] != self.seed:
+            raise DataError(f"the checkpoint shuffled its data with seed {state['seed']}, this run has {self.seed}")
+        self.position, self.epoch, self.window = state["position"], state["epoch"], state.get("window", 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

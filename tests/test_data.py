@@ -195,3 +195,87 @@ def test_shakespeare(tmp_path):
     assert 1_500_000 < corpus.train.n_tokens + corpus.val.n_tokens < 1_650_000
     assert sorted(p.name for p in (tmp_path / "shakespeare").iterdir()) == ["train_000000.bin", "val_000000.bin"]
     assert [p.name for p in tmp_path.iterdir()] == ["shakespeare"]  # the download and temp dirs are gone
+
+
+def shards(tmp_path: Path, lengths: list[int]) -> ShardStream:
+    """Shards whose tokens are their stream positions (mod 50,000), so a row tells where it was read."""
+    paths, start = [], 0
+    for i, n in enumerate(lengths):
+        write_shard(tmp_path / f"train_{i:06d}.bin", (np.arange(start, start + n) % 50_000))
+        paths.append(tmp_path / f"train_{i:06d}.bin")
+        start += n
+    return ShardStream(paths)
+
+
+def window_starts(x: torch.Tensor) -> list[int]:
+    return x[:, 0].tolist()
+
+
+def test_shuffled_epoch_visits_every_window_once(tmp_path):
+    data = shards(tmp_path, [1000, 37, 5, 700])  # a shard of 5 tokens holds no 17-token window
+    loader = BatchLoader(data, rows=6, seq_len=16, order="shuffled", seed=3)
+    per_epoch = loader.windows_per_epoch
+    expected = sorted(
+        o + k * 16 for o, n in zip(data.offsets, [1000, 37, 5, 700], strict=False) for k in range((n - 1) // 16)
+    )
+    assert per_epoch == len(expected) == 62 + 2 + 0 + 43
+    seen = []
+    for _ in range(3 * per_epoch // 6 + 1):  # three epochs and a bit: batches run across epoch boundaries
+        x, y = loader.next_batch()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert ((y[:, -1] - x[:, 0]) == 16).all(), "a window crossed a shard boundary"
+        seen += window_starts(x)
+    epochs = [seen[e * per_epoch : (e + 1) * per_epoch] for e in range(3)]
+    assert all(sorted(e) == expected for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != sorted(epochs[0])
+    again = BatchLoader(data, rows=6, seq_len=16, order="shuffled", seed=3)
+    assert window_starts(again.next_batch()[0]) == seen[:6]
+    other_seed = BatchLoader(data, rows=6, seq_len=16, order="shuffled", seed=4)
+    assert window_starts(other_seed.next_batch()[0]) != seen[:6]
+
+
+@pytest.mark.parametrize("world_size, micro_rows", [(1, 12), (2, 12), (4, 4), (3, 6), (2, 2)])
+def test_shuffled_step_is_the_same_at_any_world_size_and_accumulation(tmp_path, world_size, micro_rows):
+    """A step of 12 windows: one micro-batch of 12 on one rank equals any split into micro-batches and ranks."""
+    data = shards(tmp_path, [2000, 1500])
+    reference = BatchLoader(data, rows=12, seq_len=16, order="shuffled", seed=1)
+    ranks = [
+        BatchLoader(data, micro_rows, 16, rank=r, world_size=world_size, order="shuffled", seed=1)
+        for r in range(world_size)
+    ]
+    for _ in range(25):  # past an epoch (218 windows)
+        x, _ = reference.next_batch()
+        step = [loader.next_batch()[0] for _ in range(12 // micro_rows) for loader in ranks]
+        assert torch.equal(torch.cat(step), x)
+
+
+def test_shuffled_resume_is_exact_and_orders_must_match(tmp_path):
+    data = shards(tmp_path, [3000, 900])
+    a = BatchLoader(data, rows=4, seq_len=32, order="shuffled", seed=7)
+    for _ in range(40):  # into the second epoch
+        a.next_batch()
+    state = a.state_dict()
+    assert all(isinstance(v, (int, str)) for v in state.values())  # a few integers, not a permutation
+    b = BatchLoader(data, rows=4, seq_len=32, order="shuffled", seed=7)
+    b.load_state_dict(state)
+    for _ in range(40):
+        assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch(), strict=True))
+    sequential = BatchLoader(data, rows=4, seq_len=32)
+    with pytest.raises(DataError, match="in shuffled order, this run asks for sequential: resume with --data-order"):
+        sequential.load_state_dict(state)
+    with pytest.raises(DataError, match="seed 7, this run has 8"):
+        BatchLoader(data, rows=4, seq_len=32, order="shuffled", seed=8).load_state_dict(state)
+    old = {"position": 256, "epoch": 0, "n_tokens": 3900}  # a loader state saved before shuffling existed
+    sequential.load_state_dict(old)
+    assert sequential.next_batch()[0][0, 0].item() == 256
+    with pytest.raises(DataError, match="in sequential order, this run asks for shuffled"):
+        BatchLoader(data, rows=4, seq_len=32, order="shuffled").load_state_dict(old)
+
+
+def test_shuffled_bad_input(tmp_path):
+    with pytest.raises(DataError, match="data order 'random' is not one of shuffled, sequential"):
+        BatchLoader(shards(tmp_path, [1000]), rows=4, seq_len=16, order="random")
+    with pytest.raises(DataError, match="holds 3 windows of 16 \\+ 1 tokens inside its shards, fewer than one"):
+        BatchLoader(shards(tmp_path, [40, 30]), rows=4, seq_len=16, order="shuffled")
+    synthetic = BatchLoader(SyntheticStream(1000, seed=0), 4, 8, vocab_size=1000, order="shuffled")
+    assert synthetic.order == "sequential"  # an endless stream has no epochs to shuffle

@@ -50,7 +50,8 @@ def help_commands() -> list[str]:
     help_text = subprocess.run(
         [sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
-    return split_commands([line for line in help_text.splitlines() if line.lstrip().startswith(("python ", "torchrun "))])
+    shown = [line for line in help_text.splitlines() if line.lstrip().startswith(("python ", "torchrun "))]
+    return split_commands(shown)
 
 
 def runnable(commands: list[str]) -> list[str]:

@@ -117,17 +117,23 @@ _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_conte
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None, chunk_rows: int = CHUNK_ROWS
+    h: torch.Tensor,
+    W: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int | None = None,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits `h @ W[:vocab_size].T` against targets, computed chunk by chunk.
 
     h: (N, C) float; W: (V_padded, C) (the tied embedding, padded vocab rows allowed); targets: (N,) int, < 0 ignored;
-    vocab_size: the columns in the softmax (default: all of W's rows). Returns a float32 scalar, equal to
+    vocab_size: the columns in the softmax (default: all of W's rows); chunk_rows: default CHUNK_ROWS. Returns a float32
+    scalar (float64 for float64 inputs), equal to
     `F.cross_entropy((h @ W.T)[:, :vocab_size].float(), targets, ignore_index=-1)` to float32 rounding, and
     differentiable with respect to h and W (gradients in their dtypes). Peak extra memory is one (chunk_rows, vocab)
     buffer (two under autocast) plus W-sized gradient, instead of several (N, vocab) tensors.
     """
     vocab_size = W.shape[0] if vocab_size is None else vocab_size
+    chunk_rows = CHUNK_ROWS if chunk_rows is None else chunk_rows
     if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1]:
         raise ValueError(f"h must be (N, C) and W (V, C) with one C, got {tuple(h.shape)} and {tuple(W.shape)}")
     if targets.shape != (h.shape[0],):

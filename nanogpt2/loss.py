@@ -26,7 +26,7 @@ def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """out (+)= a @ b, with out in a wider dtype than a and b under autocast."""
+    """out (+)= a @ b without a temporary, or through one when out is wider than a and b (autocast)."""
     if out.dtype != a.dtype:
         out.add_(a @ b) if accumulate else out.copy_(a @ b)
     elif accumulate:
@@ -74,9 +74,9 @@ def _fused_forward(
         p[r, t] -= 1.0  # softmax - onehot; 1/n and the ignored rows are folded into the small factors below
         if p.dtype != compute_dtype:
             p = logits[: end - start].copy_(p)
-        _mm_into(grad_h[start:end], p, Wv, accumulate=False)
-        grad_h[start:end] *= w[:, None].to(grad_h.dtype)
-        _mm_into(grad_W[:vocab_size], p.t(), hc * w[:, None].to(compute_dtype), accumulate=start > 0)
+        torch.mul(p @ Wv, w[:, None], out=grad_h[start:end])  # the row weights applied in acc_dtype, rounded once
+        hw = (h[start:end] * w[:, None]).to(compute_dtype)  # (n, C)
+        _mm_into(grad_W[:vocab_size], p.t(), hw, accumulate=start > 0)
     loss = torch.where(n > 0, loss, torch.nan)  # every target ignored: NaN, as F.cross_entropy gives
     return loss, grad_h, grad_W.to(W.dtype)
 

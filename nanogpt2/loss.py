@@ -35,7 +35,8 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
         torch.mm(a, b, out=out)
 
 
-def _fused_forward(
+@torch.library.custom_op("nanogpt2::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(
     h: torch.Tensor,
     W: torch.Tensor,
     targets: torch.Tensor,
@@ -44,6 +45,7 @@ def _fused_forward(
     compute_dtype: torch.dtype,
     with_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_h, grad_W): the gradients for a loss gradient of 1, or empty tensors without with_grad."""
     N = h.shape[0]
     acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # softmax, loss and grad_W accumulation
     valid = targets >= 0  # (N,)
@@ -79,20 +81,6 @@ def _fused_forward(
         _mm_into(grad_W[:vocab_size], p.t(), hw, accumulate=start > 0)
     loss = torch.where(n > 0, loss, torch.nan)  # every target ignored: NaN, as F.cross_entropy gives
     return loss, grad_h, grad_W.to(W.dtype)
-
-
-@torch.library.custom_op("nanogpt2::linear_cross_entropy", mutates_args=())
-def _linear_cross_entropy_op(
-    h: torch.Tensor,
-    W: torch.Tensor,
-    targets: torch.Tensor,
-    vocab_size: int,
-    chunk_rows: int,
-    compute_dtype: torch.dtype,
-    with_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.autocast(h.device.type, enabled=False):  # linear_cross_entropy chose the dtypes
-        return _fused_forward(h, W, targets, vocab_size, chunk_rows, compute_dtype, with_grad)
 
 
 @_linear_cross_entropy_op.register_fake
@@ -148,4 +136,5 @@ def linear_cross_entropy(
     else:
         compute_dtype = torch.promote_types(h.dtype, W.dtype)
     with_grad = torch.is_grad_enabled() and (h.requires_grad or W.requires_grad)
-    return _linear_cross_entropy_op(h, W, targets, vocab_size, chunk_rows, compute_dtype, with_grad)[0]
+    with torch.autocast(device_type, enabled=False):  # the op runs in the dtypes chosen here, whatever autocast says
+        return _linear_cross_entropy_op(h, W, targets, vocab_size, chunk_rows, compute_dtype, with_grad)[0]

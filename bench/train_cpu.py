@@ -1,6 +1,6 @@
 """Training-step time and peak memory on CPU, the fused linear + cross-entropy against the full-logits loss.
 
-    python -m bench.train_cpu                          # the table (about 2 minutes on 2 cores)
+    python -m bench.train_cpu                          # the table (about 3 minutes on 2 idle cores)
     python -m bench.train_cpu --json out.json          # and the rows as JSON (CPU, versions, commit included)
 
 The recipe of issue 11: the `nano` preset (50,257 vocab), 16 x 256 tokens per step, no accumulation, AdamW lr 1e-3
@@ -8,7 +8,9 @@ The recipe of issue 11: the `nano` preset (50,257 vocab), 16 x 256 tokens per st
 step's cost does not depend on which tokens). Each variant runs in a fresh subprocess so its peak RSS is its own:
 `unfused` (F.cross_entropy on the full logits, the old default), `fused` (nanogpt2/loss.py, the default), and
 `fused+fused-adamw` (also AdamW(fused=True), which torch runs on CPU too). Per step the forward, backward, clip and
-optimizer phases are timed apart; the table shows medians over the timed steps. Ratios are unfused ms / variant ms.
+optimizer phases are timed apart. The variants take turns over --rounds fresh runs each, so that other load on a shared
+machine hits them alike; the table shows medians over all timed steps and the highest peak RSS. Ratios are unfused
+ms / variant ms.
 """
 
 import argparse
@@ -29,7 +31,7 @@ PHASES = ("forward", "backward", "clip", "optimizer")
 
 
 def run_variant(variant: str, steps: int, warmup: int, batch: int, seq_len: int, chunk_rows: int | None) -> dict:
-    """Train `warmup + steps` steps of the recipe in this process; per-phase median ms and this process's peak RSS."""
+    """Train `warmup + steps` steps of the recipe in this process: per-phase ms of the timed steps, peak RSS, losses."""
     import nanogpt2.loss
     from nanogpt2.model import GPT, GPTConfig
 
@@ -64,14 +66,22 @@ def run_variant(variant: str, steps: int, warmup: int, batch: int, seq_len: int,
         if step >= warmup:
             for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 times[phase].append(dt * 1e3)
-    step_ms = [sum(parts) for parts in zip(*times.values(), strict=True)]
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return {"variant": variant, "times_ms": times, "peak_rss_gib": rss_gib, "losses": losses}
+
+
+def summarize(runs: list[dict], tokens_per_step: int) -> dict:
+    """One variant's row from its runs: medians over all their timed steps, the highest peak RSS."""
+    times = {phase: [t for run in runs for t in run["times_ms"][phase]] for phase in PHASES}
+    step_ms = statistics.median(sum(parts) for parts in zip(*times.values(), strict=True))
     return {
-        "variant": variant,
-        "ms_per_step": statistics.median(step_ms),
-        "tokens_per_s": batch * seq_len / statistics.median(step_ms) * 1e3,
+        "variant": runs[0]["variant"],
+        "ms_per_step": step_ms,
+        "tokens_per_s": tokens_per_step / step_ms * 1e3,
         **{f"{phase}_ms": statistics.median(ts) for phase, ts in times.items()},
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
-        "losses": losses,
+        "peak_rss_gib": max(run["peak_rss_gib"] for run in runs),
+        "losses": runs[0]["losses"],
+        "runs": runs,
     }
 
 
@@ -102,8 +112,9 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (default: 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round (default: 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first, in each run (default: 1)")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh runs of each variant, taking turns (default: 2)")
     parser.add_argument("--batch", type=int, default=16, help="sequences per step (default: 16)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="default: all")
@@ -117,15 +128,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     env = environment()
     print(" | ".join(f"{k} {v}" for k, v in env.items()))
-    rows = []
-    for variant in args.variants:
-        child = [sys.executable, "-m", "bench.train_cpu", "--child", variant, "--steps", str(args.steps)]
-        child += ["--warmup", str(args.warmup), "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
-        child += ["--chunk-rows", str(args.chunk_rows)] if args.chunk_rows else []
-        done = subprocess.run(child, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            sys.exit(f"variant {variant} failed:\n{done.stderr}")
-        rows.append(json.loads(done.stdout.splitlines()[-1]))
+    runs = {variant: [] for variant in args.variants}
+    for _ in range(args.rounds):  # variants take turns, so a change in the machine's load hits them all alike
+        for variant in args.variants:
+            child = [sys.executable, "-m", "bench.train_cpu", "--child", variant, "--steps", str(args.steps)]
+            child += ["--warmup", str(args.warmup), "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+            child += ["--chunk-rows", str(args.chunk_rows)] if args.chunk_rows else []
+            done = subprocess.run(child, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                sys.exit(f"variant {variant} failed:\n{done.stderr}")
+            runs[variant].append(json.loads(done.stdout.splitlines()[-1]))
+    rows = [summarize(variant_runs, args.batch * args.seq_len) for variant_runs in runs.values()]
     print_table(rows)
     first = rows[0]["losses"]
     drift = max(abs(a - b) for r in rows for a, b in zip(r["losses"], first, strict=True))

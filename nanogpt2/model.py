@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.reference import apply_rope_ref
+from nanogpt2.loss import linear_cross_entropy
 
 POS_EMBS = ("learned", "rope")
 ATTN_IMPLS = ("torch", "triton")
@@ -229,6 +230,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.fused_loss = True  # with targets: the chunked linear + cross-entropy, no (B, T, vocab) logits
         if config.pos_emb == "rope":
             cos, sin = rope_cos_sin(torch.arange(config.block_size), config.head_dim, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
@@ -268,8 +270,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None):
         """idx (B, T) token ids -> (logits (B, T, padded_vocab), loss or None).
 
-        With targets (B, T), the loss is the mean cross-entropy (targets < 0 are ignored). With a KV cache
-        (nanogpt2/sample.py), idx continues the tokens the cache has seen.
+        With targets (B, T), the loss is the mean cross-entropy (targets < 0 are ignored); then, while
+        `self.fused_loss` is set (the default), it comes from nanogpt2/loss.py without materialising the logits, and
+        the logits returned are None. With a KV cache (nanogpt2/sample.py), idx continues the tokens the cache has seen.
         """
         B, T = idx.shape
         start = kv_cache.seen if kv_cache is not None else 0
@@ -285,7 +288,11 @@ class GPT(nn.Module):
             x = block(x, rope, kv_cache, layer, positions)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab)
+        x = self.transformer.ln_f(x)
+        if targets is not None and self.fused_loss:
+            h, y = x.reshape(B * T, -1), targets.reshape(-1)
+            return None, linear_cross_entropy(h, self.lm_head.weight, y, self.config.vocab_size)
+        logits = self.lm_head(x)  # (B, T, padded_vocab)
         loss = None
         if targets is not None:
             vocab_logits = logits[..., : self.config.vocab_size]  # padding columns are no tokens: not in the softmax

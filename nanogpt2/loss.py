@@ -1,0 +1,140 @@
+"""Fused linear + cross-entropy: the mean cross-entropy of `h @ W.T` without ever holding the full logits.
+
+- Rows of h are taken in chunks; a chunk's logits (chunk, vocab) go through an in-place log-softmax (the loss) and exp
+  (the softmax), and since d(mean CE)/d(logits) = (softmax - onehot) / n, the chunk's gradients for h and W are
+  computed right there in the forward (as Liger-Kernel does), so the backward only scales them by the incoming grad.
+- One chunk buffer is reused for every chunk: on CPU a fresh 200 MB tensor costs as much again as its matmul in page
+  faults. Three matmuls per chunk, the same FLOPs as the unfused loss, no (rows, vocab) gradient and no zero-filling.
+- Limits: W's rows past `vocab_size` (padding) are outside the softmax and get zero gradient; targets < 0 are ignored;
+  with every target ignored the loss is NaN and the gradients are zero, as `F.cross_entropy` gives. Under autocast the
+  matmuls run in the autocast dtype while log-softmax, loss and gradient accumulation stay float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ROWS = 1024  # measured on a 2-core CPU (nano preset, 4096 rows): smaller chunks slow the matmuls down
+
+
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    # In place on CPU (the kernel works row by row, so aliasing input and output is safe there); out of place
+    # elsewhere, where allocation is cheap and in-place aliasing is not promised by the kernels.
+    if x.device.type == "cpu":
+        return torch._log_softmax(x, 1, False, out=x)
+    return torch.log_softmax(x, dim=1)
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= a @ b without a temporary, or through one when out is wider than a and b (autocast)."""
+    if out.dtype != a.dtype:
+        out.add_(a @ b) if accumulate else out.copy_(a @ b)
+    elif accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+@torch.library.custom_op("nanogpt2::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(
+    h: torch.Tensor,
+    W: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    chunk_rows: int,
+    compute_dtype: torch.dtype,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_h, grad_W): the gradients for a loss gradient of 1, or empty tensors without with_grad."""
+    N = h.shape[0]
+    acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # softmax, loss and grad_W accumulation
+    valid = targets >= 0  # (N,)
+    n = valid.sum()
+    weight = valid.to(acc_dtype) / n.clamp(min=1)  # (N,) each row's share of the mean; 0 for ignored rows
+    safe_targets = targets.clamp(min=0)
+    rows = torch.arange(min(chunk_rows, N), device=h.device)
+    Wv = W[:vocab_size].to(compute_dtype)  # (V, C) the real vocab rows; a no-op without autocast
+    logits = torch.empty(len(rows), vocab_size, dtype=compute_dtype, device=h.device)  # reused by every chunk
+    logits_acc = logits if acc_dtype == compute_dtype else torch.empty_like(logits, dtype=acc_dtype)
+    loss = torch.zeros((), dtype=acc_dtype, device=h.device)
+    grad_h = torch.empty_like(h, memory_format=torch.contiguous_format) if with_grad else h.new_empty(0)
+    grad_W = torch.empty(W.shape, dtype=acc_dtype, device=W.device) if with_grad else W.new_empty(0)
+    if with_grad:
+        grad_W[vocab_size:].zero_()  # padding rows: outside the softmax, no gradient
+    for start in range(0, N, chunk_rows):
+        end = min(start + chunk_rows, N)
+        hc = h[start:end].to(compute_dtype)  # (n, C)
+        r, t, w = rows[: end - start], safe_targets[start:end], weight[start:end]
+        z = torch.mm(hc, Wv.t(), out=logits[: end - start])  # (n, V)
+        if logits_acc is not logits:
+            z = logits_acc[: end - start].copy_(z)
+        logp = _log_softmax_(z)  # (n, V) in acc_dtype
+        loss -= (logp[r, t] * w).sum()
+        if not with_grad:
+            continue
+        p = logp.exp_()  # the softmax
+        p[r, t] -= 1.0  # softmax - onehot; 1/n and the ignored rows are folded into the small factors below
+        if p.dtype != compute_dtype:
+            p = logits[: end - start].copy_(p)
+        torch.mul(p @ Wv, w[:, None], out=grad_h[start:end])  # the row weights applied in acc_dtype, rounded once
+        hw = (h[start:end] * w[:, None]).to(compute_dtype)  # (n, C)
+        _mm_into(grad_W[:vocab_size], p.t(), hw, accumulate=start > 0)
+    loss = torch.where(n > 0, loss, torch.nan)  # every target ignored: NaN, as F.cross_entropy gives
+    return loss, grad_h, grad_W.to(W.dtype)
+
+
+@_linear_cross_entropy_op.register_fake
+def _(h, W, targets, vocab_size, chunk_rows, compute_dtype, with_grad):
+    loss = h.new_empty((), dtype=torch.promote_types(compute_dtype, torch.float32))
+    return (loss, h.new_empty(h.shape), W.new_empty(W.shape)) if with_grad else (loss, h.new_empty(0), W.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.with_grad = inputs[-1]
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, _grad_h, _grad_W):
+    if not ctx.with_grad:
+        raise RuntimeError("linear_cross_entropy was run without gradients (no_grad or no input requiring grad)")
+    grad_h, grad_W = ctx.saved_tensors
+    return grad_h * grad_loss.to(grad_h.dtype), grad_W * grad_loss.to(grad_W.dtype), None, None, None, None, None
+
+
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    W: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of the logits `h @ W[:vocab_size].T` against targets, computed chunk by chunk.
+
+    h: (N, C) float; W: (V_padded, C) (the tied embedding, padded vocab rows allowed); targets: (N,) int, < 0 ignored;
+    vocab_size: the columns in the softmax (default: all of W's rows); chunk_rows: default CHUNK_ROWS. Returns a float32
+    scalar (float64 for float64 inputs), equal to
+    `F.cross_entropy((h @ W.T)[:, :vocab_size].float(), targets, ignore_index=-1)` to float32 rounding, and
+    differentiable with respect to h and W (gradients in their dtypes). Peak extra memory is one (chunk_rows, vocab)
+    buffer (two under autocast) plus W-sized gradient, instead of several (N, vocab) tensors.
+    """
+    vocab_size = W.shape[0] if vocab_size is None else vocab_size
+    chunk_rows = CHUNK_ROWS if chunk_rows is None else chunk_rows
+    if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1]:
+        raise ValueError(f"h must be (N, C) and W (V, C) with one C, got {tuple(h.shape)} and {tuple(W.shape)}")
+    if targets.shape != (h.shape[0],):
+        raise ValueError(f"targets must be (N,) = ({h.shape[0]},), got {tuple(targets.shape)}")
+    if not 1 <= vocab_size <= W.shape[0]:
+        raise ValueError(f"vocab_size must be in [1, {W.shape[0]}] (W's rows), got {vocab_size}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(h.dtype, W.dtype)
+    with_grad = torch.is_grad_enabled() and (h.requires_grad or W.requires_grad)
+    with torch.autocast(device_type, enabled=False):  # the op runs in the dtypes chosen here, whatever autocast says
+        return _linear_cross_entropy_op(h, W, targets, vocab_size, chunk_rows, compute_dtype, with_grad)[0]

@@ -176,7 +176,7 @@ class TrainConfig:
         `saved_model` is a resumed run's GPTConfig (a dict): the model is rebuilt from it, not from the flags.
         """
         defaults = DEVICE_DEFAULTS[device.type]
-        self.device = str(device) if self.device == "auto" else self.device  # so that a resumed run keeps it
+        self.device = device.type if self.device == "auto" else self.device  # saved, so a resumed run keeps it
         self.attn = defaults["attn"] if self.attn == "auto" else self.attn
         for key in ("preset", "batch_size", "max_steps", "lr", "eval_every", "eval_batches"):
             if getattr(self, key) is None:
@@ -268,11 +268,15 @@ def auto_grad_accum(batch_size: int, world_size: int, micro_batch: int) -> int:
     return next(a for a in range(target, 0, -1) if batch_size % (a * world_size) == 0)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A bad flag is one line on stderr, like every other bad input (argparse prints the usage too)."""
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(description: str = "", epilog: str = "") -> argparse.ArgumentParser:
     """train.py's command line, one flag per TrainConfig field; a flag not given leaves no attribute (SUPPRESS)."""
-    p = argparse.ArgumentParser(
-        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {name: p.add_argument_group(name, text) for name, text in GROUPS.items()}
     for f in fields(TrainConfig):
         meta = f.metadata

@@ -57,10 +57,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def assert_bad_input(result: subprocess.CompletedProcess, message: str, unchanged: dict[Path, dict] | None = None):
-    """A refused input: exit status 1, one line `error: ...` naming the problem on stderr, no traceback, and every
-    folder in `unchanged` (folder -> its snapshot before) byte-identical."""
+    """A refused input: exit status 1 (2 for a flag argparse refuses), one line `error: ...` naming the problem on
+    stderr, no traceback, and every folder in `unchanged` (folder -> its snapshot before) byte-identical."""
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.returncode in (1, 2), result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
     assert message in lines[0], lines[0]
     for folder, before in (unchanged or {}).items():

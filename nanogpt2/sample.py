@@ -1,4 +1,4 @@
-"""Text generation with a KV cache, and its CLI.
+"""Text generation with a KV cache, and its CLI (loading a model is checkpoint.py's, the model itself model.py's).
 
     python -m nanogpt2.sample --ckpt PATH_OR_HF_DIR --prompt "..." --max-new-tokens N --temperature T --top-k K --seed S
 
@@ -15,7 +15,10 @@ import sys
 
 import torch
 
+from nanogpt2.checkpoint import CheckpointError, load_model
 from nanogpt2.model import GPT, GPTConfig
+from nanogpt2.parallel import parse_device
+from nanogpt2.tokenizer import get_encoding
 
 
 class KVCache:
@@ -44,7 +47,9 @@ class KVCache:
         """Cache bytes one more token costs while the cache is below its capacity: K and V of every layer."""
         return 2 * config.n_layer * config.n_kv_head * config.head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store this layer's new k, v (B, T, Hkv, D) at `positions` (T,); return all keys, values and positions.
 
         The returned keys are (B, S, Hkv, D) with positions (S,), in no particular order (the attention mask is built
@@ -55,16 +60,16 @@ class KVCache:
         if end > self.capacity and self.capacity != self.max_capacity:
             self._grow(end)
         if self.max_capacity is None:
-            self.k[layer, :, self.seen : end] = k
-            self.v[layer, :, self.seen : end] = v
-            return self.k[layer, :, :end], self.v[layer, :, :end], torch.arange(end, device=k.device)
+            self.k[layer_idx, :, self.seen : end] = k
+            self.v[layer_idx, :, self.seen : end] = v
+            return self.k[layer_idx, :, :end], self.v[layer_idx, :, :end], torch.arange(end, device=k.device)
         # Rolling: the new queries may need keys that the writes below evict, so attend over old + new.
-        keys = torch.cat([self.k[layer], k], dim=1)  # (B, capacity + T, Hkv, D)
-        values = torch.cat([self.v[layer], v], dim=1)
+        keys = torch.cat([self.k[layer_idx], k], dim=1)  # (B, capacity + T, Hkv, D)
+        values = torch.cat([self.v[layer_idx], v], dim=1)
         key_pos = torch.cat([self.slot_pos, positions])  # (capacity + T,)
         kept = positions[-self.capacity :]  # the newest positions fit the buffer
-        self.k[layer, :, kept % self.capacity] = k[:, -self.capacity :]
-        self.v[layer, :, kept % self.capacity] = v[:, -self.capacity :]
+        self.k[layer_idx, :, kept % self.capacity] = k[:, -self.capacity :]
+        self.v[layer_idx, :, kept % self.capacity] = v[:, -self.capacity :]
         return keys, values, key_pos
 
     def advance(self, T: int) -> None:
@@ -133,21 +138,7 @@ def generate(
     return idx
 
 
-def parse_device(name: str) -> torch.device:
-    """The device called `name`; ValueError when torch does not know it or it is a GPU this machine lacks."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device")
-    return device
-
-
 def main(argv: list[str] | None = None) -> int:
-    from nanogpt2.checkpoint import CheckpointError, load_model
-    from nanogpt2.tokenizer import get_encoding
-
     parser = argparse.ArgumentParser(description="Sample text from a nanogpt2 or Hugging Face GPT-2 checkpoint.")
     parser.add_argument("--ckpt", required=True, help="training output dir / checkpoint file, or a HF GPT-2 dir/name")
     parser.add_argument("--prompt", default="\n", help="text to continue")
@@ -156,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
     parser.add_argument("--num-samples", type=int, default=1, help="independent samples to draw")
     parser.add_argument("--seed", type=int, default=1337, help="random seed")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:

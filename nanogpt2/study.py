@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from nanogpt2.checkpoint import load_model
-from nanogpt2.data import BatchLoader, open_corpus
+from nanogpt2.data import BatchLoader
 from nanogpt2.model import GPT
 from nanogpt2.plot import plot_runs, read_metrics
+from nanogpt2.prepare import open_corpus
 from nanogpt2.sample import KVCache, generate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,12 +1,11 @@
 """Token shards, corpora and the batch loader."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import assert_bad_input, llmc_shard, run_cli
 
 from nanogpt2.data import (
     HEADER_INTS,
@@ -16,23 +15,11 @@ from nanogpt2.data import (
     DataError,
     ShardStream,
     SyntheticStream,
-    open_corpus,
-    prepare,
     read_shard,
     write_shard,
 )
+from nanogpt2.prepare import open_corpus, prepare
 from nanogpt2.tokenizer import EOT, encode
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def llmc_shard(path: Path, tokens: np.ndarray, magic: int = MAGIC, version: int = VERSION, count: int | None = None):
-    """A shard written the way llm.c's dev/data/data_common.py write_datafile does, independently of write_shard."""
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[0], header[1], header[2] = magic, version, len(tokens) if count is None else count
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
 
 
 def test_shard_round_trip(tmp_path):
@@ -55,6 +42,15 @@ def test_llmc_shards_load_unchanged(tmp_path):
     assert np.array_equal(corpus.train.read(1500, 1000), tokens[2500:3500])  # spans the two train shards
     glob_corpus = open_corpus(str(tmp_path / "fineweb_train_*.bin"))
     assert glob_corpus.train.n_tokens == 4000 and "no val shards" in glob_corpus.note
+
+
+def test_val_shards_are_known_by_their_split_field(tmp_path):
+    """`val` as a `_`-separated field of the name marks val data; `interval.bin` holds training data."""
+    llmc_shard(tmp_path / "interval.bin", np.arange(1000))
+    llmc_shard(tmp_path / "evaluation_000000.bin", np.arange(500))
+    llmc_shard(tmp_path / "val_000000.bin", np.arange(300))
+    corpus = open_corpus(str(tmp_path))
+    assert corpus.train.n_tokens == 1500 and corpus.val.n_tokens == 300
 
 
 @pytest.mark.parametrize(
@@ -99,16 +95,16 @@ def test_prepare_documents_and_split(tmp_path):
 
 def test_prepare_cli(tmp_path):
     (tmp_path / "t.txt").write_text("To be, or not to be. " * 500)
-    cmd = [sys.executable, "-m", "nanogpt2.data", "prepare", "t.txt", "--out", "shards", "--val-fraction", "0.2"]
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    (tmp_path / "empty.txt").write_text("")
+    done = run_cli("-m", "nanogpt2.prepare", "t.txt", "--out", "shards", "--val-fraction", "0.2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "train:" in done.stdout and "val:" in done.stdout and "tokenizing" in done.stderr
+    assert "train:" in done.stdout and "val:" in done.stdout
+    assert done.stderr.count("tokenizing") == 1  # the progress line prints once
     assert (tmp_path / "shards" / "val_000000.bin").is_file()
-    missing = subprocess.run(
-        [*cmd[:4], "nope.txt", "--out", "x"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert missing.returncode == 1 and missing.stderr.strip() == "error: nope.txt: no such file or directory"
+    assert (tmp_path / "shards" / "val_000000.bin").stat().st_mode & 0o044 == 0o044  # readable by the group
+    for name, message in (("nope.txt", "nope.txt: no such file or directory"), ("empty.txt", "the file is empty")):
+        assert_bad_input(run_cli("-m", "nanogpt2.prepare", name, "--out", "x", cwd=tmp_path), message)
+        assert not (tmp_path / "x").exists()
 
 
 def test_text_files_are_tokenized_into_the_cache(tmp_path):

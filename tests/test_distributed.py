@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, llmc_shard, run_cli
 
 from nanogpt2.checkpoint import load_model
-from nanogpt2.data import write_shard
 from nanogpt2.model import GPT, GPTConfig
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "pico", "--data", "synthetic", "--batch-size", "8", "--seq-len", "32", "--device", "cpu"]
 TINY += ["--eval-batches", "1", "--eval-every", "2", "--decay-steps", "4", "--warmup-steps", "1"]
 
@@ -104,8 +103,7 @@ def test_fsdp_shards_parameters_and_optimizer_state(runs):
 
 
 def test_consolidated_export_of_a_sharded_checkpoint(runs, tmp_path):
-    cmd = [sys.executable, "-m", "nanogpt2.checkpoint", str(runs["adamw-fsdp"]), "--out", str(tmp_path / "model.pt")]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = run_cli("-m", "nanogpt2.checkpoint", str(runs["adamw-fsdp"]), "--out", str(tmp_path / "model.pt"))
     assert result.returncode == 0, result.stderr
     exported = torch.load(tmp_path / "model.pt", weights_only=True)
     assert exported["config"]["n_layer"] == 2
@@ -167,8 +165,8 @@ def test_bad_data_on_one_rank_stops_every_rank(tmp_path):
     data.mkdir()
     tokens = np.random.default_rng(0).integers(0, 50000, 4000).astype(np.uint16)
     tokens[200] = 60000  # in rank 1's half of the first micro-batch (8 rows of 32: rank 0 reads tokens 0..128)
-    write_shard(data / "train_000000.bin", tokens)
-    write_shard(data / "val_000000.bin", tokens[:1000] % 50000)
+    llmc_shard(data / "train_000000.bin", tokens)
+    llmc_shard(data / "val_000000.bin", tokens[:1000] % 50000)
     t0 = time.perf_counter()
     result = train(tmp_path / "out", "--data", str(data), "--max-steps", "4", ranks=2, check=False)
     assert result.returncode != 0

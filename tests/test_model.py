@@ -4,11 +4,12 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICE
-from transformers import GPT2Config, GPT2LMHeadModel
+from helpers import DEVICE, hf_checkpoint
+from transformers import GPT2LMHeadModel
 
 from kernels.reference import flash_attention_ref
 from nanogpt2.checkpoint import CheckpointError, load_model, save_training_checkpoint
+from nanogpt2.hf import load_hf_gpt2, save_hf_gpt2
 from nanogpt2.model import GPT, PRESETS, GPTConfig, attend
 from nanogpt2.sample import KVCache, generate
 
@@ -22,20 +23,6 @@ VARIANTS = {
 }
 
 
-def hf_checkpoint(tmp_path, safe: bool = True, **shape) -> tuple:
-    """A randomly initialised HF GPT-2 saved to tmp_path, and the HF model itself (eval mode, fp32).
-
-    safe=False writes the older pytorch_model.bin format (HF's state dict, pickled) instead of model.safetensors.
-    """
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=0, **shape)).eval()
-    hf.save_pretrained(tmp_path)
-    if not safe:
-        (tmp_path / "model.safetensors").unlink()
-        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
-    return tmp_path, hf
-
-
 HF_SHAPES = [
     dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4),
     dict(vocab_size=257, n_positions=64, n_embd=48, n_layer=3, n_head=3),
@@ -46,7 +33,7 @@ HF_SHAPES = [
 @pytest.mark.parametrize("shape", HF_SHAPES, ids=lambda s: f"L{s['n_layer']}-C{s['n_embd']}-V{s['vocab_size']}")
 def test_logits_and_loss_match_hf(tmp_path, shape):
     path, hf = hf_checkpoint(tmp_path, **shape)
-    model = GPT.from_pretrained(path).eval()
+    model = load_hf_gpt2(path).eval()
     idx = torch.randint(0, shape["vocab_size"], (2, shape["n_positions"]))
     with torch.no_grad():
         ref = hf(idx, labels=idx)
@@ -61,12 +48,12 @@ def test_loads_pytorch_model_bin(tmp_path):
     assert (path / "pytorch_model.bin").is_file()
     idx = torch.randint(0, 101, (1, 16))
     with torch.no_grad():
-        assert (GPT.from_pretrained(path).eval()(idx)[0] - hf(idx).logits).abs().max() <= 1e-4
+        assert (load_hf_gpt2(path).eval()(idx)[0] - hf(idx).logits).abs().max() <= 1e-4
 
 
 def test_padded_vocab_loads_and_matches(tmp_path):
     path, hf = hf_checkpoint(tmp_path, **HF_SHAPES[0])
-    model = GPT.from_pretrained(path, vocab_pad_multiple=64).eval()
+    model = load_hf_gpt2(path, vocab_pad_multiple=64).eval()
     assert model.transformer.wte.weight.shape[0] == 128
     idx = torch.randint(0, 101, (1, 16))
     with torch.no_grad():
@@ -81,12 +68,12 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path, bias):
     model = GPT(
         GPTConfig(vocab_size=97, block_size=24, n_layer=2, n_head=2, n_embd=32, bias=bias, vocab_pad_multiple=8)
     )
-    model.eval().save_pretrained(tmp_path)
+    save_hf_gpt2(model.eval(), tmp_path)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
         assert (model(idx)[0][..., :97] - hf(idx).logits).abs().max() <= 1e-4
-        reloaded = GPT.from_pretrained(tmp_path).eval()
+        reloaded = load_hf_gpt2(tmp_path).eval()
         assert (reloaded(idx)[0] - hf(idx).logits).abs().max() <= 1e-4
 
 
@@ -94,28 +81,30 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path, bias):
 def test_save_pretrained_refuses_what_gpt2_cannot_express(tmp_path, variant):
     model = GPT(GPTConfig(vocab_size=97, block_size=24, n_layer=1, n_head=4, n_embd=32, **VARIANTS[variant]))
     with pytest.raises(CheckpointError, match="cannot express"):
-        model.save_pretrained(tmp_path / "out")
+        save_hf_gpt2(model, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_from_pretrained_name_not_cached_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(CheckpointError, match=r"looked in .*models--gpt2.*huggingface-cli download"):
-        GPT.from_pretrained("gpt2")
+    with pytest.raises(CheckpointError, match=r"looked in .*models--gpt2.*") as err:
+        load_hf_gpt2("gpt2")
+    # the hint names no tool we do not require: it says which files to fetch
+    assert "download config.json and model.safetensors" in str(err.value) and "huggingface-cli" not in str(err.value)
 
 
 def test_from_pretrained_name_resolves_through_hf_cache(tmp_path, monkeypatch):
     snapshot = tmp_path / "models--openai-community--gpt2" / "snapshots" / "abc123"
     hf_checkpoint(snapshot, **HF_SHAPES[0])
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    assert GPT.from_pretrained("gpt2").config.n_layer == 2
+    assert load_hf_gpt2("gpt2").config.n_layer == 2
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     path, _ = hf_checkpoint(tmp_path, **HF_SHAPES[0])
     (path / "config.json").write_text((path / "config.json").read_text().replace('"gpt2"', '"llama"'))
     with pytest.raises(CheckpointError, match="model_type"):
-        GPT.from_pretrained(path)
+        load_hf_gpt2(path)
 
 
 def test_load_model_reads_a_hf_directory(tmp_path):
@@ -141,12 +130,15 @@ def test_damaged_hf_directory_is_one_clear_error(tmp_path, damage, message):
         load_model(path)
 
 
-def test_gpu_trained_checkpoint_loads_for_cpu_inference(tmp_path):
-    """A run trained with attn="triton" (the default on CUDA) samples on a CPU through PyTorch's attention."""
-    config = GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, n_embd=32, pos_emb="rope", attn="triton")
-    save_training_checkpoint(tmp_path, {"config": config.to_dict(), "model": GPT(config).state_dict(), "step": 1})
-    assert load_model(tmp_path, device="cpu").config.attn == "torch"
-    assert load_model(tmp_path, device="cpu", attn="triton").config.attn == "triton"  # asked for: kept
+def test_checkpoint_with_attn_in_its_config_loads(tmp_path):
+    """Older runs saved attn="triton" in the model config; it is dropped, and the model runs as asked."""
+    config = GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, n_embd=32, pos_emb="rope")
+    saved = config.to_dict() | {"attn": "triton"}
+    save_training_checkpoint(tmp_path, {"config": saved, "model": GPT(config).state_dict(), "step": 1})
+    assert load_model(tmp_path, device="cpu").attn_impl == "torch"
+    model = load_model(tmp_path, device="cpu", attn="triton")  # asked for: kept
+    assert model.attn_impl == "triton" and all(b.attn.impl == "triton" for b in model.transformer.h)
+    assert [b.attn.layer_idx for b in model.transformer.h] == [0]
 
 
 @pytest.mark.parametrize(
@@ -178,17 +170,21 @@ def test_variant_presets():
         (dict(window=-3), "window"),
         (dict(n_embd=12, n_head=4, pos_emb="rope"), "head dim 3"),
         (dict(pos_emb="alibi"), "pos_emb"),
-        (dict(attn="cuda"), "attn"),
         (dict(dropout=1.0), "dropout"),
         (dict(n_layer=0), "n_layer"),
         (dict(vocab_size=-1), "vocab_size"),
         (dict(rope_base=1.0), "rope_base"),
-        (dict(n_embd=96, attn="triton"), "head dim in"),
     ],
 )
 def test_bad_configs_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**{"n_embd": 64, "n_head": 4, **kwargs})
+
+
+@pytest.mark.parametrize("attn, message", [("cuda", "attn must be one of"), ("triton", "head dim in")])
+def test_bad_attention_implementation_is_rejected(attn, message):
+    with pytest.raises(ValueError, match=message):
+        GPT(GPTConfig(n_embd=96, n_head=4, n_layer=1, vocab_size=97), attn=attn)
 
 
 def test_unknown_preset_is_rejected():
@@ -309,7 +305,7 @@ def test_triton_attention_matches_torch_in_the_model(variant):
     """attn="triton" (flash attention + RoPE kernels) gives the loss and gradients of attn="torch"."""
     torch.manual_seed(0)
     shape = dict(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_embd=64, **VARIANTS[variant])
-    models = {impl: GPT(GPTConfig(attn=impl, **shape)).to(DEVICE) for impl in ("torch", "triton")}
+    models = {impl: GPT(GPTConfig(**shape), attn=impl).to(DEVICE) for impl in ("torch", "triton")}
     models["triton"].load_state_dict(models["torch"].state_dict())
     idx = torch.randint(0, 97, (2, 40), device=DEVICE)
     results = {}
@@ -326,7 +322,7 @@ def test_bf16_rope_model_keeps_float32_rotary_tables():
     """model.to(bfloat16) casts buffers; the rotary angles must stay float32, for both attention paths."""
     torch.manual_seed(0)
     shape = dict(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=64, pos_emb="rope")
-    models = {impl: GPT(GPTConfig(attn=impl, **shape)).to(DEVICE) for impl in ("torch", "triton")}
+    models = {impl: GPT(GPTConfig(**shape), attn=impl).to(DEVICE) for impl in ("torch", "triton")}
     models["triton"].load_state_dict(models["torch"].state_dict())
     idx = torch.randint(0, 97, (1, 32), device=DEVICE)
     with torch.no_grad():

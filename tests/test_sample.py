@@ -1,23 +1,17 @@
 """The sampling CLI, run as a user would: a real HF checkpoint directory in, text out."""
 
 import subprocess
-import sys
-from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import assert_bad_input, hf_checkpoint, run_cli
 
 
 def run_sample(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "nanogpt2.sample", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return run_cli("-m", "nanogpt2.sample", *args, timeout=120)
 
 
 def test_sample_cli_continues_the_prompt(tmp_path):
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    hf_checkpoint(tmp_path, n_positions=32, n_embd=32, n_layer=1, n_head=2)
     args = ["--ckpt", str(tmp_path), "--prompt", "To be, or not", "--max-new-tokens", "8", "--seed", "1"]
     first, second = run_sample(*args, "--device", "cpu"), run_sample(*args, "--device", "cpu", "--no-cache")
     assert first.returncode == 0, first.stderr
@@ -26,17 +20,14 @@ def test_sample_cli_continues_the_prompt(tmp_path):
 
 
 def test_sample_cli_missing_checkpoint_is_one_clear_line(tmp_path):
-    result = run_sample("--ckpt", str(tmp_path / "nope"), "--device", "cpu")
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
-    assert "nope" in result.stderr
+    assert_bad_input(run_sample("--ckpt", str(tmp_path / "nope"), "--device", "cpu"), "nope: no such file or directory")
+    typo = run_sample("--ckpt", "typo", "--device", "cpu")  # a bare name: a path first, not a Hugging Face model
+    assert_bad_input(typo, "error: typo: no such file or directory")
+    assert "Hugging Face" not in typo.stderr
 
 
 def test_sample_cli_bad_input_is_one_clear_line(tmp_path):
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
-        tmp_path
-    )
+    hf_checkpoint(tmp_path, vocab_size=101, n_positions=32, n_embd=32, n_layer=1, n_head=2)
     cases = {
         "past the model's vocabulary of 101": ["--ckpt", str(tmp_path), "--prompt", "Hello", "--device", "cpu"],
         "--device gpu": ["--ckpt", str(tmp_path), "--device", "gpu"],
@@ -44,7 +35,4 @@ def test_sample_cli_bad_input_is_one_clear_line(tmp_path):
     if not torch.cuda.is_available():
         cases["no CUDA device"] = ["--ckpt", str(tmp_path), "--device", "cuda"]
     for message, args in cases.items():
-        result = run_sample(*args)
-        assert result.returncode == 1, result.stderr
-        assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
-        assert message in result.stderr
+        assert_bad_input(run_sample(*args), message)

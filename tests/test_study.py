@@ -1,23 +1,18 @@
 """The variant study at a toy budget, end to end, and the loss plot CLI."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, assert_bad_input, run_cli
 
 from nanogpt2.study import VARIANTS
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def run_module(module: str, *args: str, env_extra: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    cmd = [sys.executable, "-m", module, *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+def run_module(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return run_cli("-m", module, *args, cwd=cwd, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +44,7 @@ def test_study_writes_every_file_variant_and_column(toy_study):
     assert results["summary"]["all"]["kv_bytes_long_context"] < results["summary"]["base"]["kv_bytes_long_context"]
 
 
-def test_study_rerun_reuses_resumes_or_retrains_each_run(toy_study, tmp_path):
+def test_study_rerun_reuses_or_retrains_each_run(toy_study, tmp_path):
     """Complete runs are reused; an interrupted one, one without its checkpoint (as committed results have none) or
     one made by another command trains again; a relative --out works from any directory."""
     out = tmp_path / "study"
@@ -85,5 +80,4 @@ def test_plot_cli_draws_runs(tmp_path):
 
 def test_plot_cli_missing_file_is_one_clear_line(tmp_path):
     result = run_module("nanogpt2.plot", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x.png"))
-    assert result.returncode == 1
-    assert result.stderr.strip() == f"error: no metrics file at {tmp_path / 'missing.jsonl'}"
+    assert_bad_input(result, f"error: no metrics file at {tmp_path / 'missing.jsonl'}")

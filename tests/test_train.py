@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, assert_bad_input, llmc_shard, run_cli, snapshot
 
+import train as train_script
 from nanogpt2.checkpoint import load_training_checkpoint
-from nanogpt2.data import HEADER_INTS, MAGIC, prepare, write_shard
+from nanogpt2.config import ConfigError, TrainConfig, auto_grad_accum, build_parser
+from nanogpt2.model import GPTConfig
+from nanogpt2.prepare import prepare
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ["--preset", "pico", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2"]
 
 
@@ -32,7 +35,7 @@ def env_for(tmp: Path) -> dict:
 
 
 def run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(*args), cwd=tmp, env=env_for(tmp), capture_output=True, text=True, timeout=300)
+    return run_cli("train.py", *args, cwd=tmp, env=env_for(tmp))
 
 
 def metrics(out: Path) -> list[dict]:
@@ -123,16 +126,9 @@ def bad_shard(tmp: Path, kind: str) -> str:
     tokens = np.arange(5000) % 1000
     if kind == "big-ids":
         tokens[200] = 50257  # in the second batch (each reads 4 x 32 + 1 tokens)
-    write_shard(folder / "train_000000.bin", tokens[:50] if kind == "short" else tokens)
-    raw = bytearray((folder / "train_000000.bin").read_bytes())
-    if kind == "magic":
-        raw[:4] = np.int32(12345).tobytes()
-    elif kind == "version":
-        raw[4:8] = np.int32(2).tobytes()
-    elif kind == "truncated":
-        raw = raw[: HEADER_INTS * 4 + 1000]
-    (folder / "train_000000.bin").write_bytes(bytes(raw))
-    assert np.frombuffer(bytes(raw[:4]), dtype=np.int32)[0] == (12345 if kind == "magic" else MAGIC)
+    kwargs = {"magic": dict(magic=12345), "version": dict(version=2), "truncated": dict(count=5000)}.get(kind, {})
+    llmc_shard(folder / "train_000000.bin", tokens[:50] if kind == "short" else tokens[:500] if kind == "truncated"
+               else tokens, **kwargs)  # fmt: skip
     return str(folder)
 
 
@@ -143,6 +139,8 @@ def bad_shard(tmp: Path, kind: str) -> str:
         (lambda t: ["--data", bad_shard(t, "magic")], "not a token shard (magic 12345"),
         (lambda t: ["--data", bad_shard(t, "version")], "unsupported shard version 2"),
         (lambda t: ["--data", bad_shard(t, "truncated")], "file has 2024 bytes (truncated?)"),
+        (lambda t: ["--data", str(t / "empties")], "holds no non-empty text files"),
+        (lambda t: ["--data", str(t / "empty.txt")], "empty.txt: the file is empty"),
         (lambda t: ["--data", bad_shard(t, "big-ids")], "token id 50257 >= vocab size 50257"),
         (lambda t: ["--data", bad_shard(t, "short")], "fewer than one micro-batch needs"),
         (lambda t: ["--data", "synthetic", "--seq-len", "65"], "--seq-len 65 exceeds block_size 64"),
@@ -160,11 +158,13 @@ def bad_shard(tmp: Path, kind: str) -> str:
 )
 def test_bad_input(tmp_path, make_args, message):
     (tmp_path / "file").write_text("a regular file")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empties").mkdir()
+    (tmp_path / "empties" / "a.txt").write_text("")
     done = run(tmp_path, *TINY, "--max-steps", "2", *make_args(tmp_path))
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in done.stderr
-    assert message in done.stderr
-    assert not (tmp_path / "out").exists() or not (tmp_path / "out" / "ckpt.pt").exists()
+    assert_bad_input(done, message)
+    if "token id" not in message:  # found in the first batches only, after the run began
+        assert not (tmp_path / "out").exists() and not (tmp_path / "data-cache").exists()  # nothing left behind
 
 
 def copy_run(trained: Path, tmp: Path) -> Path:
@@ -209,10 +209,130 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 def test_help_documents_every_flag():
     done = subprocess.run(train_cmd("--help"), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    for flag in ("--preset", "--data", "--max-steps", "--batch-size", "--seq-len", "--grad-accum", "--lr", "--min-lr",
-                 "--warmup-steps", "--weight-decay", "--grad-clip", "--eval-every", "--eval-batches", "--sample-every",
-                 "--out-dir", "--resume", "--seed", "--device", "--dtype", "--attn", "--compile"):  # fmt: skip
-        assert flag in done.stdout
+    actions = [a for a in build_parser()._actions if a.dest != "help"]
+    assert {a.dest for a in actions} == set(TrainConfig.__dataclass_fields__)  # every config field is a flag
+    for action in actions:
+        assert action.help and action.help.strip(), f"{action.option_strings} has no help"
+        assert action.option_strings[0] in done.stdout
+    attn_help = next(a.help for a in actions if a.dest == "attn")
+    assert "dropout" in attn_help and "SDPA" in attn_help  # --attn triton with dropout: what runs is said
+
+
+def test_triton_with_dropout_says_attention_runs_through_sdpa():
+    notes = TrainConfig(attn="triton").notes(GPTConfig(dropout=0.1))
+    assert len(notes) == 1 and "SDPA" in notes[0]
+    assert (
+        TrainConfig(attn="triton").notes(GPTConfig()) == []
+        and TrainConfig(attn="torch").notes(GPTConfig(dropout=0.1)) == []
+    )
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("batch_size", [1, 4, 8, 12, 20, 44, 48, 64, 100, 96])
+def test_automatic_grad_accum_divides_the_batch(batch_size, world_size):
+    if batch_size % world_size:
+        with pytest.raises(ConfigError, match=f"--batch-size {batch_size} does not split evenly across"):
+            auto_grad_accum(batch_size, world_size, 8)
+        return
+    accum = auto_grad_accum(batch_size, world_size, 8)
+    assert batch_size % (accum * world_size) == 0 and batch_size // (accum * world_size) >= min(
+        8, batch_size // world_size
+    )
+
+
+def test_batch_size_44_on_cpu_runs(tmp_path):
+    done = run(tmp_path, "--preset", "pico", "--data", "synthetic", "--batch-size", "44", "--seq-len", "16",
+               "--max-steps", "1", "--eval-batches", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["args"]["grad_accum"] == 4
+
+
+def test_help_example_runs_with_the_default_seq_len(tmp_path):
+    """pico's block size (64) is below the CPU default --seq-len (128): the default shrinks to fit."""
+    done = run(tmp_path, "--preset", "pico", "--data", "synthetic", "--max-steps", "2", "--eval-batches", "1")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["args"]["seq_len"] == 64
+
+
+def in_process_run(tmp_path, monkeypatch, *argv: str) -> int:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NANOGPT2_DATA_DIR", str(tmp_path / "data-cache"))
+    return train_script.main(list(argv))
+
+
+def test_resumed_run_keeps_its_device(tmp_path, monkeypatch, trained):
+    """A --device cpu run resumed on a machine with a GPU stays on the CPU (here the GPU is pretended)."""
+    shutil.copytree(trained, tmp_path / "out")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert in_process_run(tmp_path, monkeypatch, "--resume", "out", "--max-steps", "31") == 0
+    record = json.loads((tmp_path / "out" / "run-resume-30.json").read_text())
+    assert (
+        record["args"]["device"] == "cpu" and record["device"].startswith("cpu") and record["args"]["attn"] == "torch"
+    )
+
+
+def test_step_time_ends_after_the_optimizer_work(tmp_path, monkeypatch):
+    """Each step's clock stops after its optimizer step and a device sync, so async GPU work is not billed later."""
+    events = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(
+        torch.optim.AdamW, "step", lambda self, *a, **k: events.append("step") or real_step(self, *a, **k)
+    )
+    monkeypatch.setattr(train_script, "synchronize", lambda device: events.append("sync"))
+    clock = time.perf_counter
+    monkeypatch.setattr(train_script.time, "perf_counter", lambda: events.append("clock") or clock())
+    assert in_process_run(tmp_path, monkeypatch, *TINY, "--data", "synthetic", "--max-steps", "3") == 0
+    order = "".join({"step": "s", "sync": "y", "clock": "c"}[e] for e in events)
+    assert order.count("s") == 3 and order.count("syc") == 3, order  # step, sync, then the clock read
+
+
+def test_resumed_run_reports_the_same_steps_everywhere(tmp_path, trained):
+    out = copy_run(trained, tmp_path)
+    done = run(tmp_path, "--resume", "out", "--max-steps", "33")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 33 and summary["steps_this_run"] == 3
+    assert "done: 33 steps (3 in this run) in" in done.stdout
+    sample = done.stdout.split("sample:\n", 1)[1]  # printed as text, not as a Python repr
+    assert not sample.startswith(("'", '"'))
+
+
+def test_files_are_readable_by_the_group(trained):
+    for path in trained.iterdir():
+        assert path.stat().st_mode & 0o044 == 0o044, f"{path} is {oct(path.stat().st_mode)}"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "nowhere.txt"], "nowhere.txt: no such file or directory"),
+        (["--data", "synthetic", "--batch-size", "0"], "--batch-size must be positive"),
+        (["--data", "synthetic", "--dropout", "2"], "GPTConfig.dropout must be in [0, 1)"),
+        (["--data", "synthetic", "--preset", "gpt5"], "argument --preset: invalid choice: 'gpt5'"),
+        (["--data", "synthetic", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    ],
+)
+def test_the_real_error_comes_before_the_existing_run(tmp_path, trained, args, message):
+    """A fresh run into out/, which holds a run: the bad flag or data is reported, not the run, and out/ is kept."""
+    out = copy_run(trained, tmp_path)
+    before = snapshot(out)
+    done = run(tmp_path, *TINY, "--max-steps", "2", *args)
+    assert_bad_input(done, message, unchanged={out: before})
+
+
+@pytest.mark.parametrize("flag", ["--out", "--hf"])
+def test_export_refuses_to_overwrite(tmp_path, trained, flag):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    before = snapshot(tmp_path / "taken")
+    done = run_cli("-m", "nanogpt2.checkpoint", str(trained), flag, str(tmp_path / "taken"))
+    assert_bad_input(done, "exists; not overwriting it", unchanged={tmp_path / "taken": before})
+
+
+def test_export_writes_a_hf_directory(tmp_path, trained):
+    done = run_cli("-m", "nanogpt2.checkpoint", str(trained), "--hf", str(tmp_path / "hf"))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_kill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):

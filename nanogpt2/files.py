@@ -1,0 +1,43 @@
+"""Writing files so that a crash at any moment leaves the old file or the new one, never a torn one.
+
+Owns `write_atomic` only; what goes into the files belongs to the modules that write them (checkpoint.py, data.py,
+run.py, hf.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], object]) -> Path:
+    """Write `content` (bytes, text, or a function that writes into a binary file) to `path` atomically.
+
+    The data go to a temp file beside `path`, which is fsynced, renamed over `path`, and the directory fsynced, so
+    the rename survives a power cut too. The file is created with mode 0o666 less the umask, like any other file
+    (readable by the group under the usual umask 022), not 0600 as tempfile's would be. A temp file left by a
+    process killed mid-write is `.{name}.tmp-{pid}`.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path

@@ -1,0 +1,171 @@
+"""A training run's records: its directory, run.json, metrics.jsonl, the memory log and summary.json.
+
+What train.py writes besides the checkpoint (checkpoint.py's) lives here: the run record (config, versions, device, git
+commit), the output directory's preparation, the metrics log (trimmed on resume so every step is logged once), peak
+FLOPs for MFU, peak memory, and the run's headline numbers. Nothing here trains or changes a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanogpt2.checkpoint import TRAIN_CKPT
+from nanogpt2.config import ConfigError, TrainConfig
+from nanogpt2.files import write_atomic
+from nanogpt2.model import GPTConfig
+from nanogpt2.parallel import is_distributed, print0
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, for MFU
+
+
+def git_commit() -> str:
+    """The repository's commit, with -dirty when the working tree has changes; "unknown" outside git."""
+    try:
+        repo = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+
+
+def run_record(
+    cfg: TrainConfig, model: GPTConfig, device: torch.device, dtype: torch.dtype, world_size: int, n_params: int
+) -> dict:
+    """What run.json records: the config, the model, versions, device, git commit and start time."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for name in ("triton", "tiktoken"):
+        with contextlib.suppress(ImportError):
+            versions[name] = __import__(name).__version__
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    return {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+        "model": model.to_dict(),
+        "n_params": n_params,
+        "device": device_name,
+        "dtype": str(dtype).split(".")[-1],
+        "world_size": world_size,
+        "versions": versions,
+        "git_commit": git_commit(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak FLOP/s, where known (for MFU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def prepare_out_dir(out_dir: Path, resuming: bool) -> None:
+    """Create out_dir; a fresh run refuses a directory that already holds a run, so nothing is overwritten."""
+    if not resuming:
+        if (out_dir / TRAIN_CKPT).exists():
+            raise ConfigError(
+                f"{out_dir} already holds a checkpoint: continue it with --resume {out_dir}, "
+                "or choose another --out-dir"
+            )
+        if (out_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"{out_dir} already holds a run (metrics.jsonl): choose another --out-dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}") from None
+
+
+def write_json(path: Path, obj: dict) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line torn by a crash mid-write, which is then dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def open_metrics(out_dir: Path, step: int):
+    """metrics.jsonl for appending, first without the rows of steps after `step` (a resumed run repeats them) and
+    torn rows, so every step is logged once."""
+    path = out_dir / "metrics.jsonl"
+    if path.exists():
+        with open(path) as f:
+            rows = [line for line in f if line.strip()]
+        kept = [line for line in rows if logged_step(line) <= step]
+        if len(kept) < len(rows):
+            write_atomic(path, "".join(kept))
+    return open(path, "a")
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: allocated on the GPU, or the resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def local_numel(tensors) -> int:
+    """Elements this rank holds of `tensors` (a DTensor counts its local shard only)."""
+    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in tensors)
+
+
+def log_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int) -> None:
+    """One line per rank: the parameters and optimizer state it holds (1/world of them under FSDP), peak GPU memory."""
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    report = {"param_elems": local_numel(model.parameters()), "optim_state_elems": local_numel(states)}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        report["peak_mem_gib"] = peak_memory_mib(device) / 1024
+    reports = [report]
+    if is_distributed():
+        reports = [None] * world_size
+        dist.all_gather_object(reports, report)
+    for rank, r in enumerate(reports):
+        peak = f" | peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else ""
+        print0(f"memory rank {rank}: {r['param_elems']:,} param elems | {r['optim_state_elems']:,} optim elems{peak}")
+
+
+def run_summary(
+    step: int,
+    step_times: list[float],
+    tokens_per_step: int,
+    wall: float,
+    loss: float,
+    val_loss: float,
+    device: torch.device,
+) -> dict:
+    """The run's headline numbers, for scripts (the variant study): median speed after the first step, peak memory.
+
+    `steps` is the step the run reached, `steps_this_run` those trained since this process started (fewer after a
+    resume), as the final log line says.
+    """
+    steady = step_times[1:] or step_times
+    return {
+        "steps": step,
+        "steps_this_run": len(step_times),
+        "tokens_per_s": tokens_per_step / statistics.median(steady),
+        "peak_mem_mib": peak_memory_mib(device),
+        "wall_s": wall,
+        "train_loss": loss,
+        "val_loss": val_loss,
+    }

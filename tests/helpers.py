@@ -1,0 +1,67 @@
+"""What several test files share: the repository path, the device, running a CLI, the makers of test inputs (a token
+shard written as llm.c writes it, a Hugging Face GPT-2 directory) and the one check of a bad input's outcome."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanogpt2.data import HEADER_INTS, MAGIC, VERSION
+
+REPO = Path(__file__).resolve().parent.parent
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python ARGS...` as a user would run it (e.g. run_cli("train.py", ...) or run_cli("-m", "nanogpt2.sample"))."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    if args and args[0] == "train.py":
+        args = (str(REPO / "train.py"), *args[1:])
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def llmc_shard(path: Path, tokens, magic: int = MAGIC, version: int = VERSION, count: int | None = None) -> Path:
+    """A shard written the way llm.c's dev/data/data_common.py write_datafile does, independently of write_shard."""
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[0], header[1], header[2] = magic, version, len(tokens) if count is None else count
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+    return path
+
+
+def hf_checkpoint(path: Path, safe: bool = True, **shape):
+    """A randomly initialised HF GPT-2 saved to `path`, and the HF model itself (eval mode, fp32).
+
+    safe=False writes the older pytorch_model.bin format (HF's state dict, pickled) instead of model.safetensors.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=0, **shape)).eval()
+    hf.save_pretrained(path)
+    if not safe:
+        (path / "model.safetensors").unlink()
+        torch.save(hf.state_dict(), path / "pytorch_model.bin")
+    return path, hf
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes, to check a refused command changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_bad_input(result: subprocess.CompletedProcess, message: str, unchanged: dict[Path, dict] | None = None):
+    """A refused input: exit status 1 (2 for a flag argparse refuses), one line `error: ...` naming the problem on
+    stderr, no traceback, and every folder in `unchanged` (folder -> its snapshot before) byte-identical."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode in (1, 2), result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert message in lines[0], lines[0]
+    for folder, before in (unchanged or {}).items():
+        assert snapshot(folder) == before, f"{folder} changed"

@@ -52,15 +52,22 @@ SAMPLE_TOKENS = 64
 
 
 def build_loaders(cfg: TrainConfig, model: GPTConfig, env: DistEnv) -> tuple[BatchLoader, BatchLoader, str]:
-    """Train and val loaders for this rank: each reads its contiguous share of every global micro-batch."""
+    """Train (in --data-order) and val (in order) loaders for this rank: each reads its share of every micro-batch."""
     corpus = open_corpus(cfg.data, vocab_size=model.vocab_size, seed=cfg.seed)
     rows = cfg.batch_size // cfg.grad_accum  # global rows per micro-batch
     common = dict(rows=rows, seq_len=cfg.seq_len, rank=env.rank, world_size=env.world_size, vocab_size=model.vocab_size)
-    return BatchLoader(corpus.train, **common), BatchLoader(corpus.val, **common), corpus.note
+    train = BatchLoader(corpus.train, order=cfg.data_order, seed=cfg.seed, **common)
+    windows = train.windows_per_epoch
+    if windows is not None and windows < cfg.batch_size:
+        raise DataError(
+            f"{corpus.train.name} holds {windows} training windows of {cfg.seq_len} + 1 tokens, fewer than one "
+            f"step's --batch-size {cfg.batch_size}; use a smaller --batch-size or --seq-len, or more data"
+        )
+    return train, BatchLoader(corpus.val, **common), corpus.note
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (decay on 2-D weights, fused on CUDA), or plain SGD, whose steps are linear in the gradients."""
+    """AdamW (decay on 2-D weights, fused on CPU and CUDA), or plain SGD, whose steps are linear in the gradients."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr)
     return model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)

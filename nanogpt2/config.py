@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from nanogpt2.data import DATA_ORDERS
 from nanogpt2.model import POS_EMBS, PRESETS, GPTConfig, check_attn
 from nanogpt2.parallel import parse_device
 
@@ -76,6 +77,11 @@ class TrainConfig:
         str,
         "run",
     )
+    data_order: str = flag(
+        MD, "order of the training windows: shuffled (each epoch visits every window once, in an order drawn from "
+        "the seed and the epoch) or sequential (the token stream front to back); val is read in order (default: "
+        "shuffled)", "shuffled", str, "run", choices=list(DATA_ORDERS)
+    )  # fmt: skip
     dropout: float | None = flag(MD, "dropout probability (default: the preset's, 0.0)", type=float, kind="run")
     block_size: int | None = flag(MD, "training context of the model (default: the preset's)", type=int, kind="run")
     pos_emb: str | None = flag(
@@ -120,8 +126,8 @@ class TrainConfig:
         "larger --max-steps continues at min-lr)", type=int, kind="run"
     )  # fmt: skip
     optimizer: str = flag(
-        BS, "adamw (fused on CUDA), or plain sgd, for checking parallel modes against each other (default: adamw)",
-        "adamw", str, "run", choices=["adamw", "sgd"]
+        BS, "adamw (fused on CPU and CUDA), or plain sgd, for checking parallel modes against each other "
+        "(default: adamw)", "adamw", str, "run", choices=["adamw", "sgd"]
     )  # fmt: skip
     weight_decay: float = flag(BS, "AdamW weight decay of 2-D weights (default: 0.1)", 0.1, float, "run")
     beta1: float = flag(BS, "AdamW beta1 (default: 0.9)", 0.9, float, "run")
@@ -254,6 +260,8 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+# What a run saved before a flag existed did, where that differs from the flag's default.
+BEFORE_THE_FLAG = {"data_order": "sequential"}
 
 
 def flag_name(key: str) -> str:
@@ -310,4 +318,4 @@ def from_flags(given: dict, saved: dict | None = None) -> TrainConfig:
                 "data and optimiser settings (start a new run in another --out-dir instead)"
             )
     kept = {k: v for k, v in saved.items() if k in FIELDS and TrainConfig.kind(k) != "how"}
-    return TrainConfig(**{**kept, **given, "out_dir": given["resume"]})
+    return TrainConfig(**{**BEFORE_THE_FLAG, **kept, **given, "out_dir": given["resume"]})

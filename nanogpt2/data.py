@@ -340,4 +340,3 @@ class BatchLoader:
         if saved == "shuffled" and state["seed"] != self.seed:
             raise DataError(f"the checkpoint shuffled its data with seed {state['seed']}, this run has {self.seed}")
         self.position, self.epoch, self.window = state["position"], state["epoch"], state.get("window", 0)
-

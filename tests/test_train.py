@@ -74,7 +74,7 @@ def test_loss_falls_and_run_is_recorded(trained):
     assert record["model"]["n_layer"] == 2 and record["args"]["max_steps"] == 30 and record["git_commit"]
     assert {"torch", "python"} <= record["versions"].keys() and record["device"].startswith("cpu")
     ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 30 and ckpt["loader"]["position"] == 30 * 4 * 32
+    assert ckpt["step"] == 30 and ckpt["loader"]["order"] == "shuffled" and ckpt["loader"]["window"] == 30 * 4
 
 
 def test_resume_is_bitwise(tmp_path, shards):
@@ -127,8 +127,8 @@ def bad_shard(tmp: Path, kind: str) -> str:
     if kind == "big-ids":
         tokens[200] = 50257  # in the second batch (each reads 4 x 32 + 1 tokens)
     kwargs = {"magic": dict(magic=12345), "version": dict(version=2), "truncated": dict(count=5000)}.get(kind, {})
-    llmc_shard(folder / "train_000000.bin", tokens[:50] if kind == "short" else tokens[:500] if kind == "truncated"
-               else tokens, **kwargs)  # fmt: skip
+    length = {"short": 50, "one-step": 100, "truncated": 500}.get(kind, len(tokens))
+    llmc_shard(folder / "train_000000.bin", tokens[:length], **kwargs)
     return str(folder)
 
 
@@ -143,6 +143,8 @@ def bad_shard(tmp: Path, kind: str) -> str:
         (lambda t: ["--data", str(t / "empty.txt")], "empty.txt: the file is empty"),
         (lambda t: ["--data", bad_shard(t, "big-ids")], "token id 50257 >= vocab size 50257"),
         (lambda t: ["--data", bad_shard(t, "short")], "fewer than one micro-batch needs"),
+        (lambda t: ["--data", bad_shard(t, "one-step"), "--grad-accum", "2"], "fewer than one step's --batch-size 4"),
+        (lambda t: ["--data", "synthetic", "--data-order", "random"], "--data-order: invalid choice: 'random'"),
         (lambda t: ["--data", "synthetic", "--seq-len", "65"], "--seq-len 65 exceeds block_size 64"),
         (lambda t: ["--data", "synthetic", "--batch-size", "0"], "--batch-size must be positive"),
         (lambda t: ["--data", "synthetic", "--grad-accum", "3"], "--batch-size 4 does not divide into --grad-accum 3"),
@@ -351,3 +353,25 @@ def test_kill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
         assert ckpt["step"] >= 2
     resumed = run(tmp_path, "--resume", "out", "--max-steps", str(ckpt["step"] + 1))
     assert resumed.returncode == 0, resumed.stderr
+
+
+def test_checkpoint_from_before_shuffling_resumes_in_its_own_order(tmp_path, trained, shards):
+    """A checkpoint saved before --data-order existed read its data in order: it resumes that way, bitwise."""
+    straight = run(tmp_path, *TINY, "--data", str(shards), "--max-steps", "6", "--data-order", "sequential",
+                   "--lr", "1e-2", "--out-dir", "straight")  # fmt: skip
+    assert straight.returncode == 0, straight.stderr
+    first = run(tmp_path, *TINY, "--data", str(shards), "--max-steps", "3", "--decay-steps", "6",
+                "--data-order", "sequential", "--lr", "1e-2", "--out-dir", "old")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=False)
+    del ckpt["args"]["data_order"]
+    ckpt["loader"] = {k: ckpt["loader"][k] for k in ("position", "epoch", "n_tokens")}  # the old loader state
+    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
+    before = snapshot(tmp_path / "old")
+    refused = run(tmp_path, "--resume", "old", "--max-steps", "6", "--data-order", "shuffled")
+    assert_bad_input(refused, "read its training data in sequential order, this run asks for shuffled",
+                     unchanged={tmp_path / "old": before})  # fmt: skip
+    resumed = run(tmp_path, "--resume", "old", "--max-steps", "6")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "old"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -110,7 +110,7 @@ class Cache(Protocol):
 
     def update(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
     def advance(self, T: int) -> None: ...
 
@@ -129,24 +129,22 @@ def attend(
     window: int | None,
     impl: str,
     dropout_p: float = 0.0,
-    q_pos: torch.Tensor | None = None,
-    k_pos: torch.Tensor | None = None,
+    cached: bool = False,
+    cache_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal (optionally sliding-window) attention; q (B, T, H, D), k/v (B, S, Hkv, D) -> (B, T, H, D).
 
-    Without positions, queries and keys are the same T tokens (training). With q_pos (T,) and k_pos (S,), as a KV
-    cache gives them, query i sees key j when k_pos[j] <= q_pos[i] and q_pos[i] - window < k_pos[j]; k_pos < 0 marks
-    an empty cache slot.
+    Without a cache, queries and keys are the same T tokens (training): causal, within the window's band. With a
+    cache (`cached`), k/v are the keys and values a KV cache returned and `cache_mask` (T, S) says which keys each
+    query sees; None means every query sees every key (one new token over a cache), the fast unmasked path.
     """
-    if impl == "triton" and q_pos is None and dropout_p == 0.0:
+    mask = cache_mask
+    if cached:
+        pass
+    elif impl == "triton" and dropout_p == 0.0:
         from kernels import flash_attention
 
         return flash_attention(q, k, v, causal=True, window=window)
-    mask = None
-    if q_pos is not None:
-        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)  # (T, S)
-        if window is not None:
-            mask &= k_pos[None, :] > q_pos[:, None] - window
     elif window is not None and window < q.shape[1]:
         i = torch.arange(q.shape[1], device=q.device)
         mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # (T, T) band
@@ -157,7 +155,7 @@ def attend(
         v.transpose(1, 2),
         attn_mask=mask,
         dropout_p=dropout_p,
-        is_causal=mask is None and q_pos is None,
+        is_causal=mask is None and not cached,
         **gqa,
     )  # (B, H, T, D)
     return y.transpose(1, 2)  # (B, T, H, D)
@@ -189,12 +187,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         if rope is not None:
             q, k = apply_rope(q, k, *rope, self.impl)
-        q_pos = k_pos = None
+        cache_mask = None
         if kv_cache is not None:
-            k, v, k_pos = kv_cache.update(self.layer_idx, k, v, positions)  # (B, S, Hkv, D), (B, S, Hkv, D), (S,)
-            q_pos = positions
+            k, v, cache_mask = kv_cache.update(self.layer_idx, k, v, positions)  # (B, S, Hkv, D) x 2, (T, S) or None
         dropout_p = self.config.dropout if self.training else 0.0
-        y = attend(q, k, v, self.config.window, self.impl, dropout_p, q_pos, k_pos)  # (B, T, H, D)
+        y = attend(q, k, v, self.config.window, self.impl, dropout_p, kv_cache is not None, cache_mask)  # (B, T, H, D)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
 

@@ -49,28 +49,41 @@ class KVCache:
 
     def update(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store this layer's new k, v (B, T, Hkv, D) at `positions` (T,); return all keys, values and positions.
-
-        The returned keys are (B, S, Hkv, D) with positions (S,), in no particular order (the attention mask is built
-        from positions, so the order does not matter).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store this layer's new k, v (B, T, Hkv, D) at `positions` (T,); return the keys and values to attend over,
+        (B, S, Hkv, D) each, and the (T, S) mask of the keys each new query sees, or None where every query sees
+        every key: one new token (decoding), whose keys are the cache plus itself, all inside its window.
         """
         T = k.shape[1]
         end = self.seen + T
         if end > self.capacity and self.capacity != self.max_capacity:
             self._grow(end)
-        if self.max_capacity is None:
+        rolling = self.max_capacity is not None and end > self.capacity
+        if not rolling:  # slot p holds position p: write in place, attend over the first `end` slots
             self.k[layer_idx, :, self.seen : end] = k
             self.v[layer_idx, :, self.seen : end] = v
-            return self.k[layer_idx, :, :end], self.v[layer_idx, :, :end], torch.arange(end, device=k.device)
-        # Rolling: the new queries may need keys that the writes below evict, so attend over old + new.
+            keys, values = self.k[layer_idx, :, :end], self.v[layer_idx, :, :end]
+            return keys, values, None if T == 1 else self._mask(torch.arange(end, device=k.device), positions)
+        if T == 1:  # the slot overwritten holds the position one window back, which the new query no longer sees
+            slot = self.seen % self.capacity
+            self.k[layer_idx, :, slot] = k[:, 0]
+            self.v[layer_idx, :, slot] = v[:, 0]
+            return self.k[layer_idx], self.v[layer_idx], None
+        # Several new tokens: the early ones may need keys that the later ones evict, so attend over old + new.
         keys = torch.cat([self.k[layer_idx], k], dim=1)  # (B, capacity + T, Hkv, D)
         values = torch.cat([self.v[layer_idx], v], dim=1)
         key_pos = torch.cat([self.slot_pos, positions])  # (capacity + T,)
         kept = positions[-self.capacity :]  # the newest positions fit the buffer
         self.k[layer_idx, :, kept % self.capacity] = k[:, -self.capacity :]
         self.v[layer_idx, :, kept % self.capacity] = v[:, -self.capacity :]
-        return keys, values, key_pos
+        return keys, values, self._mask(key_pos, positions)
+
+    def _mask(self, key_pos: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(T, S): query at positions[i] sees key j when it is not later, not empty (< 0) and inside the window."""
+        mask = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] >= 0)
+        if self.max_capacity is not None:
+            mask &= key_pos[None, :] > positions[:, None] - self.max_capacity
+        return mask
 
     def advance(self, T: int) -> None:
         """Record that the T tokens just passed through every layer are now cached."""

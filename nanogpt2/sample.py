@@ -87,7 +87,9 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         """Record that the T tokens just passed through every layer are now cached."""
-        if self.max_capacity is not None:
+        if self.max_capacity is not None and T == 1:
+            self.slot_pos[self.seen % self.capacity] = self.seen  # a plain index: no tensor ops per decoded token
+        elif self.max_capacity is not None:
             kept = torch.arange(max(self.seen, self.seen + T - self.capacity), self.seen + T, device=self.k.device)
             self.slot_pos[kept % self.capacity] = kept
         self.seen += T

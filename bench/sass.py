@@ -4,7 +4,8 @@ uses Hopper's tensor-core (wgmma) and TMA (cp.async.bulk.tensor) instructions.
 
     python -m bench.sass                        # bf16, head dims 64 and 128, every path: the table
     python -m bench.sass --head-dims 16 32 64 128 --dtypes bf16 fp16 --json sass.json
-    python -m bench.sass --choosable            # only what the autotuner may choose (tests/test_sass.py's set)
+    python -m bench.sass --choosable            # only what the autotuner may choose
+    python -m bench.sass --quick                # tests/test_sass.py's set: the choosable TMA-path configs
 
 Exit status 1 when a config the autotuner may choose spills registers or a bf16/fp16 attention kernel lacks wgmma.
 Compiled as a launch would specialize: unit last strides, 16-byte aligned pointers and strides, T a multiple of 16
@@ -19,6 +20,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -26,7 +28,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 os.environ.pop("TRITON_INTERPRET", None)  # before kernels import triton's jit: compile, never interpret
-os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="sass-cache-"))  # a cache hit logs no ptxas report
+if "NANOGPT2_SASS_CACHE" not in os.environ:  # a fresh cache (a cache hit logs no ptxas report), shared with workers
+    os.environ["NANOGPT2_SASS_CACHE"] = os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="sass-cache-")
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 import torch  # noqa: E402
@@ -213,9 +216,17 @@ def print_table(reports: list[Report]) -> None:
         )
 
 
-def run(dtypes: list[str], head_dims: list[int], choosable_only: bool, jobs: int) -> list[Report]:
-    variants = _tile_variants(dtypes, head_dims, choosable_only) + _tile_variants(["fp32"], head_dims, False)
-    variants += _other_variants(dtypes, head_dims)
+def quick_variants() -> list[Variant]:
+    """tests/test_sass.py's set (about 40 compilations): what the autotuner may choose on the TMA paths, which
+    training takes, at the head dim with the most registers (128), plus the GQA dK/dV kernel at 64; fp32 at 128."""
+    variants = _tile_variants(["bf16"], [64, 128], True) + _tile_variants(["fp32"], [128], False)
+    variants = [
+        v for v in variants if v.path.startswith("tma") and (v.head_dim == 128 or (v.kernel == "dkdv" and v.group > 1))
+    ]
+    return variants + _other_variants(["bf16"], [128])
+
+
+def run(variants: list[Variant], jobs: int) -> list[Report]:
     # spawn, not fork: a forked child of a process that already ran triton can deadlock
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(compile_variant, variants))
@@ -226,10 +237,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16"], help="16-bit dtypes")
     parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128], choices=attention.SUPPORTED_HEAD_DIMS)
     parser.add_argument("--choosable", action="store_true", help="only the configs the autotuner may choose")
+    parser.add_argument("--quick", action="store_true", help="only tests/test_sass.py's set (ignores the above)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compilations (default: all cores)")
     parser.add_argument("--json", type=Path, help="also write every row to this JSON file")
     args = parser.parse_args(argv)
-    reports = run(args.dtypes, args.head_dims, args.choosable, args.jobs)
+    if args.quick:
+        variants = quick_variants()
+    else:
+        variants = _tile_variants(args.dtypes, args.head_dims, args.choosable)
+        variants += _tile_variants(["fp32"], args.head_dims, False) + _other_variants(args.dtypes, args.head_dims)
+    try:
+        reports = run(variants, args.jobs)
+    finally:
+        shutil.rmtree(os.environ["NANOGPT2_SASS_CACHE"], ignore_errors=True)
     print_table(reports)
     bad = [r for r in reports if problems(r)]
     if args.json:

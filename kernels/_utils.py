@@ -14,6 +14,8 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis, which holds the batch (times the heads)
+# Offsets of whole sequences, heads and tiles are 64-bit; offsets inside a tile of up to 128 rows are 32-bit.
+MAX_ROW_STRIDE = 2**31 // 128
 
 
 def check_device(*tensors: torch.Tensor) -> None:
@@ -40,6 +42,12 @@ def check_inputs(**tensors: torch.Tensor) -> None:
     if dtypes[0] not in DTYPES or any(d != dtypes[0] for d in dtypes):
         raise ValueError(f"{names} must share one dtype among {DTYPES}, got {', '.join(map(str, dtypes))}")
     check_unit_last_stride(**tensors)
+    for name, t in tensors.items():
+        if t.stride(1) >= MAX_ROW_STRIDE:
+            raise ValueError(
+                f"{name} has a row (T) stride of {t.stride(1)} elements; the kernels take up to {MAX_ROW_STRIDE - 1} "
+                "(offsets inside a tile are 32-bit): pass a (B, T, heads, D)-contiguous tensor"
+            )
 
 
 def check_unit_last_stride(**tensors: torch.Tensor) -> None:

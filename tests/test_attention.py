@@ -177,6 +177,11 @@ def test_rejects_bad_inputs(monkeypatch):
         "float64": (dict(q=q.double(), k=k.double(), v=v.double()), "torch.float64"),
         "last stride 2": (dict(q=torch.randn(1, 8, 4, 64, device=DEVICE)[..., ::2]), r"strides \(2048, 256, 64, 2\)"),
         "device mismatch": (dict(v=v.to("meta")), "meta"),
+        "row stride 2^24": (
+            dict(k=torch.empty(1, 2, 4, 32, device="meta").as_strided((1, 8, 2, 32), (0, 2**24, 32, 1))),
+            "row",
+        ),
+        "scale 0": (dict(scale=0.0), "got 0.0"),
     }
     for case, (kwargs, message) in bad.items():
         args = dict(q=q, k=k, v=v, causal=True, window=None) | kwargs

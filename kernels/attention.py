@@ -33,67 +33,100 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = math.log2(math.e)
 
 
+ALL_PATHS = ("tma", "tma+atomic", "ptr", "ptr+atomic")  # loads through TMA or pointers; dQ by atomics or not
+TMA_PATHS = ("tma", "tma+atomic")
+
+
 class Tile(NamedTuple):
-    """One GPU autotune config: tile sizes, warps, pipeline stages, and the head dims and GQA groups it serves
-    without spilling registers (checked by `python -m bench.sass` and tests/test_sass.py)."""
+    """One GPU autotune config: tile sizes, warps, pipeline stages, and the code paths on which it spills no
+    register (`python -m bench.sass` compiles them all for sm_90; tests/test_sass.py checks the TMA ones)."""
 
     block_m: int
     block_n: int
     warps: int
     stages: int
-    max_head_dim: int = 128
-    gqa: bool = True  # also used when G > 1 (the dK/dV kernel then loops over the group's heads)
+    paths: tuple[str, ...] = ALL_PATHS
 
     def config(self) -> triton.Config:
         return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, self.warps, self.stages)
 
 
-# GPU configs for fp16/bf16, best guess first (NANOGPT2_AUTOTUNE=0 keeps only the first that serves the head dim).
-TILES = {
-    "fwd": [
-        Tile(128, 64, 4, 3),
-        Tile(128, 128, 8, 3),
-        Tile(128, 64, 8, 3),
-        Tile(64, 64, 4, 3),
-        Tile(128, 128, 8, 2),
-    ],
-    "dkdv": [
-        Tile(64, 128, 8, 3),
-        Tile(32, 128, 4, 3),
-        Tile(64, 64, 4, 3),
-        Tile(32, 64, 4, 4),
-        Tile(64, 128, 8, 5),
-    ],
-    "dq": [
-        Tile(128, 64, 8, 3),
-        Tile(128, 32, 4, 3),
-        Tile(64, 64, 4, 3),
-        Tile(64, 64, 4, 5),
-    ],
+# GPU configs for fp16/bf16 per kernel and (head-dim class: 64 for D <= 64, else 128; G > 1), best guess first
+# (NANOGPT2_AUTOTUNE=0 keeps the first). Every (tile, path) listed compiled without spills for sm_90 (bench.sass,
+# 2026-11-28); the dK/dV kernel's loop over a GQA group costs 20-60 registers, so GQA has its own list, and at D=128
+# only its deterministic TMA path fits (the other paths fall back to it, see `_resolve_path`).
+_FWD = {
+    64: [Tile(128, 64, 4, 3), Tile(128, 128, 8, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(128, 128, 8, 2)],
+    128: [Tile(128, 64, 8, 3), Tile(128, 128, 8, 3, TMA_PATHS), Tile(64, 64, 4, 3), Tile(128, 128, 8, 2, TMA_PATHS)],
 }
-# fp32 (IEEE dots: large tiles overflow shared memory) and the interpreter: one small config; BLOCK_M != BLOCK_N, so
-# the tile bounds are also tested off the diagonal.
+_DQ = {
+    64: [Tile(128, 64, 8, 3), Tile(128, 32, 4, 3), Tile(64, 64, 4, 3), Tile(64, 64, 4, 5)],
+    128: [Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(64, 64, 4, 5)],
+}
+TILES = {
+    "fwd": {(d, gqa): tiles for d, tiles in _FWD.items() for gqa in (False, True)},
+    "dq": {(d, gqa): tiles for d, tiles in _DQ.items() for gqa in (False, True)},
+    "dkdv": {
+        (64, False): [
+            Tile(64, 128, 8, 3), Tile(32, 128, 8, 3), Tile(64, 64, 4, 3, ("tma", "tma+atomic", "ptr")),
+            Tile(32, 64, 4, 4), Tile(64, 128, 8, 5),
+        ],
+        (64, True): [
+            Tile(64, 128, 8, 3, TMA_PATHS), Tile(32, 64, 8, 3), Tile(32, 128, 8, 3), Tile(16, 64, 4, 3),
+            Tile(64, 128, 8, 5, TMA_PATHS),
+        ],
+        (128, False): [
+            Tile(32, 64, 8, 3), Tile(32, 128, 8, 3), Tile(16, 64, 4, 3),
+            Tile(32, 64, 4, 4, ("tma", "tma+atomic", "ptr")), Tile(64, 64, 8, 3, ("tma", "ptr")),
+        ],
+        (128, True): [Tile(32, 64, 8, 3, ("tma",)), Tile(16, 64, 4, 3, ("tma",))],
+    },
+}  # fmt: skip
+# fp32 (IEEE dots on FMA units: a correctness path, not a fast one; large tiles overflow shared memory) and the
+# interpreter: one small config; BLOCK_M != BLOCK_N, so the tile bounds are also tested off the diagonal.
 SMALL_TILES = {"fwd": Tile(64, 32, 4, 2), "dkdv": Tile(32, 64, 4, 2), "dq": Tile(64, 32, 4, 2)}
 # Kernel name -> config for every launch (bench and gpu_check correctness runs); see `forced_configs`.
 _FORCED: dict[str, triton.Config] = {}
 
 
-def candidate_tiles(kernel: str, head_dim: int, group: int, dtype: torch.dtype) -> list[Tile]:
-    """The configs the autotuner may choose for `kernel` ("fwd", "dkdv", "dq") at this head dim, group and dtype."""
+def path_name(tma: bool, atomic: bool) -> str:
+    return ("tma" if tma else "ptr") + ("+atomic" if atomic else "")
+
+
+def allowed_tiles(kernel: str, head_dim: int, group: int, tma: bool, atomic: bool) -> list[Tile]:
+    """The spill-free GPU configs of `kernel` ("fwd", "dkdv", "dq") for fp16/bf16 at this head dim, group and path."""
+    tiles = TILES[kernel][(64 if head_dim <= 64 else 128, group > 1)]
+    return [t for t in tiles if path_name(tma, atomic and kernel == "dkdv") in t.paths]
+
+
+def candidate_tiles(kernel: str, head_dim: int, group: int, dtype: torch.dtype, tma: bool, atomic: bool) -> list[Tile]:
+    """The configs the autotuner may choose: `allowed_tiles`, only the first with NANOGPT2_AUTOTUNE=0, the small
+    config for fp32 and in the interpreter."""
     if dtype == torch.float32 or _utils.INTERPRET:
         return [SMALL_TILES[kernel]]
-    tiles = [t for t in TILES[kernel] if head_dim <= t.max_head_dim and (group == 1 or t.gqa)]
+    tiles = allowed_tiles(kernel, head_dim, group, tma, atomic)
     return tiles[:1] if os.environ.get("NANOGPT2_AUTOTUNE", "1") == "0" else tiles
+
+
+def _resolve_path(head_dim: int, group: int, tma: bool, atomic: bool) -> tuple[bool, bool]:
+    """The backward's (tma, atomic) path: the one asked for if its dK/dV kernel has a spill-free config here, else
+    the same dQ path on TMA, else the deterministic TMA path (which always has one)."""
+    for t, a in ((tma, atomic), (True, atomic), (True, False)):
+        if allowed_tiles("dkdv", head_dim, group, t, a):
+            return t, a
+    raise AssertionError(f"no dK/dV config for head dim {head_dim}, group {group}")
 
 
 def _autotune(kernel: str):
     """triton.autotune over every Tile of `kernel`, pruned per launch by `candidate_tiles`; keyed on the problem
     (T, window, group, head dim, causality, a power-of-2 bucket of B * H) and the code path (TMA, atomic dQ)."""
-    all_tiles = [*TILES[kernel], SMALL_TILES[kernel]]
+    all_tiles = [*{t: None for tiles in TILES[kernel].values() for t in tiles}, SMALL_TILES[kernel]]
     by_tile = {t: t.config() for t in all_tiles}
 
     def prune(_configs: list, named_args: dict, **kwargs) -> list[triton.Config]:
-        tiles = candidate_tiles(kernel, kwargs["HEAD_DIM"], named_args["G"], named_args["Q"].dtype)
+        tiles = candidate_tiles(
+            kernel, kwargs["HEAD_DIM"], named_args["G"], named_args["Q"].dtype, kwargs["USE_TMA"], kwargs["ATOMIC_DQ"]
+        )
         return [by_tile[t] for t in tiles]
 
     key = ["T", "WINDOW", "G", "HEAD_DIM", "IS_CAUSAL", "BH_BUCKET", "USE_TMA", "ATOMIC_DQ"]
@@ -541,6 +574,14 @@ def _backward(
     if do.stride(-1) != 1:
         do = do.contiguous()
     atomic = not deterministic
+    G = H // Hkv
+    addressable = _utils.tma_compatible(q, k, v, do, dq, dk, dv)
+    use_tma = tma and addressable
+    if not _utils.INTERPRET and q.dtype != torch.float32:  # 16-bit on a GPU: only spill-free configs
+        use_tma, atomic = _resolve_path(D, G, use_tma, atomic)
+        if use_tma and not addressable:  # the only spill-free path here loads through TMA: give it aligned copies
+            q, k, v, do = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v, do))
+    flags = _flags(q, B, H, use_tma, atomic)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     # The atomic path's fp32 dQ, zeroed by the preprocess kernel (a dummy pointer on the deterministic path).
     dq_acc = torch.empty((B, H, T, D) if atomic else (1,), dtype=torch.float32, device=q.device)
@@ -549,8 +590,6 @@ def _backward(
     _attn_bwd_preprocess[rows_grid](
         o, do, delta, dq_acc, T, H, *_strides(o, do), HEAD_DIM=D, ZERO_DQ=atomic, BLOCK_M=block_m
     )
-    flags = _flags(q, B, H, tma and _utils.tma_compatible(q, k, v, do, dq, dk, dv), atomic)
-    G = H // Hkv
     dkdv_grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     _launch(
         "dkdv", _attn_bwd_dkdv, dkdv_grid, q, k, v, do, lse, delta, dk, dv, dq_acc, T, H, G, window,

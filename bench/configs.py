@@ -11,14 +11,14 @@ fp16, against a float64 reference with flash-attention's criterion (|err| <= 2 |
 Exit status 1 when any run fails or is wrong.
 """
 
-import argparse
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from bench import common
 
 # name: (B, T, H, Hkv, D, window); ragged T (not a multiple of any tile), GQA, windows.
 CASES = {
@@ -65,19 +65,13 @@ def check(case: tuple, dtype: torch.dtype, configs: dict, path: dict, device: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, help="write every run to this JSON file (rewritten after each run)")
-    parser.add_argument("--deadline", type=float, default=float("inf"), help="start no run after S seconds")
-    parser.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny cases: checks the code only")
-    args = parser.parse_args(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before kernels is imported
-    elif not torch.cuda.is_available():
-        sys.exit("bench.configs needs a CUDA device (none found); --dry-run exercises it on CPU")
+    args = common.parser(
+        __doc__, "write every run to this JSON file (rewritten after each run)", "start no run after S seconds"
+    ).parse_args(argv)
+    device = common.select_device(args.dry_run, "bench.configs")
     os.environ["NANOGPT2_AUTOTUNE"] = "0"  # nothing autotunes: every launch here is forced
     from kernels import attention
 
-    device = "cpu" if args.dry_run else "cuda"
     deadline = time.monotonic() + args.deadline
     runs, failed, skipped = [], 0, 0
     # In priority order: bf16 first (training's dtype), then fp16; one dtype x case x path x config set per run.

@@ -14,7 +14,6 @@ result is checked against the first baseline's (max abs difference), so a fast b
 baseline ms / Triton ms (the fastest candidate): above 1, Triton is faster.
 """
 
-import argparse
 import functools
 import json
 import platform
@@ -22,10 +21,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bench import common
 
 DTYPE = torch.bfloat16
 # name: (B, T, H, Hkv, D, window); all causal; in priority order, should the deadline cut the run short.
@@ -311,18 +311,12 @@ def dry_run_cases() -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, help="also write the environment and every row to this JSON file")
+    parser = common.parser(
+        __doc__, "also write the environment and every row to this JSON file", "start no attention case after S seconds"
+    )
     parser.add_argument("--only", choices=["attention", "rope"], help="one kernel's benchmarks (default: both)")
-    parser.add_argument("--deadline", type=float, default=float("inf"), help="start no attention case after S seconds")
-    parser.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes: checks the code only")
     args = parser.parse_args(argv)
-    if args.dry_run:
-        import os
-
-        os.environ["TRITON_INTERPRET"] = "1"  # before kernels is imported
-    elif not torch.cuda.is_available():
-        sys.exit("bench.kernels needs a CUDA device (none found); --dry-run exercises it on CPU")
+    common.select_device(args.dry_run, "bench.kernels")
     bench = Bench(args.dry_run)
     deadline = time.monotonic() + args.deadline
     attention_cases, rope_cases = dry_run_cases() if args.dry_run else (ATTENTION_CASES, ROPE_CASES)

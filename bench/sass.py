@@ -291,9 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         rows = [{**r.variant._asdict(), **r._asdict(), "variant": None, "problems": problems(r)} for r in reports]
         args.json.write_text(json.dumps(rows, indent=1, default=str))
-    chosen = [r for r in reports if r.variant.choosable]
-    print(f"{len(reports)} compilations, {len(chosen)} choosable; {len(bad)} with problems; max spill of a choosable "
-          f"config: {max((r.spill_stores for r in chosen), default=0)} B")  # fmt: skip
+    chosen = [r for r in reports if r.variant.choosable and r.variant.dtype != "fp32"]
+    print(f"{len(reports)} compilations, {len(bad)} with problems; most spill bytes of a choosable fp16/bf16 config: "
+          f"{max((r.spill_stores for r in chosen), default=0)} (fp32's are reported, not checked)")  # fmt: skip
     sys.exit(1 if bad else 0)
 
 

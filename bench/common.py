@@ -1,6 +1,7 @@
 """What the GPU-run scripts share: their common flags and the choice between a CUDA device and the dry run."""
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,3 +28,12 @@ def select_device(dry_run: bool, tool: str) -> str:
     if not torch.cuda.is_available():
         sys.exit(f"{tool} needs a CUDA device (none found); --dry-run exercises it on CPU")
     return "cuda"
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write JSON through a temporary file and a rename, so a step killed by its timeout leaves the previous
+    complete file, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)

@@ -11,7 +11,6 @@ fp16, against a float64 reference with flash-attention's criterion (|err| <= 2 |
 Exit status 1 when any run fails or is wrong.
 """
 
-import json
 import os
 import sys
 import time
@@ -117,12 +116,11 @@ def main(argv: list[str] | None = None) -> None:
         seconds = f"{run['seconds']:5.1f}s"
         print(f"{status} {run['dtype']:<9} {case_name:<15} {path_name:<11} {tiles:<62} {seconds}  {detail}", flush=True)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"runs": runs, "skipped": skipped}, indent=1))
+            common.write_json(args.json, {"runs": runs, "skipped": skipped})
     skipped = len(plan) - len(runs)
     print(f"configs: {len(runs)} runs, {failed} failed, {skipped} not run (deadline)")
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "skipped": skipped}, indent=1))
+        common.write_json(args.json, {"runs": runs, "skipped": skipped})
     sys.exit(1 if failed else 0)
 
 

@@ -15,7 +15,6 @@ baseline ms / Triton ms (the fastest candidate): above 1, Triton is faster.
 """
 
 import functools
-import json
 import platform
 import subprocess
 import sys
@@ -331,8 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(format_row(row), flush=True)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({**env, "copy_gbs": copy_gbs, "rows": rows}, indent=1))
+            common.write_json(args.json, {**env, "copy_gbs": copy_gbs, "rows": rows})
 
     if args.only in (None, "rope"):  # first: seconds, no autotuning
         bench_rope(rope_cases, copy_gbs, bench, record)

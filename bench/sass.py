@@ -16,7 +16,6 @@ TRITON_INTERPRET.
 import argparse
 import contextlib
 import io
-import json
 import multiprocessing
 import os
 import re
@@ -36,6 +35,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from bench import common  # noqa: E402
 from kernels import attention, rope  # noqa: E402
 
 _INT_ARGS = ("T", "H", "G", "HKV", "WINDOW", "BH_BUCKET")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         print(summary_markdown(reports))
     if args.json:
         rows = [{**r.variant._asdict(), **r._asdict(), "variant": None, "problems": problems(r)} for r in reports]
-        args.json.write_text(json.dumps(rows, indent=1, default=str))
+        common.write_json(args.json, rows)
     chosen = [r for r in reports if r.variant.choosable and r.variant.dtype != "fp32"]
     print(f"{len(reports)} compilations, {len(bad)} with problems; most spill bytes of a choosable fp16/bf16 config: "
           f"{max((r.spill_stores for r in chosen), default=0)} (fp32's are reported, not checked)")  # fmt: skip

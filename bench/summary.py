@@ -13,6 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from bench import common
 from bench.kernels import CANDIDATES
 
 TRAIN_WARMUP_STEPS = 10  # steps left out of training medians: compilation and autotuning
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     results = Path((argv if argv is not None else sys.argv[1:])[0])
     rows = targets(results)
     defaults = fastest_candidates(results)
-    (results / "defaults.json").write_text(json.dumps(defaults, indent=1))
+    common.write_json(results / "defaults.json", defaults)
     (results / "summary.md").write_text(markdown(results, rows, defaults))
     print(f"{'target':<48} {'measured':>24}  {'goal':<24} verdict")
     for name, value, goal, status in rows:

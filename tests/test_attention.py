@@ -193,3 +193,23 @@ def test_rejects_bad_inputs(monkeypatch):
     monkeypatch.setattr(kernels._utils, "INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         flash_attention(q.cpu(), k.cpu(), v.cpu())
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_forced_gpu_configs_match_reference(deterministic):
+    """`forced_configs` (how bench.configs checks every config on a GPU) runs the first GPU tiles of each kernel:
+    128-row tiles, on ragged T with GQA and a window."""
+    from kernels import attention
+
+    B, T, H, Hkv, D, W = 1, 150, 4, 2, 64, 70
+    q, k, v = make_qkv(B, T, H, Hkv, D, torch.float32, "qkv")
+    dout = torch.randn(B, T, H, D, device=DEVICE)
+    configs = {kernel: tiles[(64, True)][0].config() for kernel, tiles in attention.TILES.items()}
+    with attention.forced_configs(**configs):
+        got = attention_and_grads(
+            functools.partial(flash_attention, deterministic=deterministic), q, k, v, dout, True, W
+        )  # fmt: skip
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_and_grads(flash_attention_ref, q64, k64, v64, dout.double(), True, W)
+    for g, r in zip(got, ref, strict=True):
+        assert_matches_ref(g, r, r, fp32_atol=2e-5, fp32_rtol=1e-5)

@@ -1,50 +1,78 @@
-"""Benchmark the Triton kernels against their PyTorch baselines, in one process on one CUDA device.
+"""Benchmark the Triton kernels and their candidate code paths against PyTorch baselines, in one process on one GPU.
 
-    python -m bench.kernels                      # the table
-    python -m bench.kernels --json out.json      # and the rows as JSON (device, versions, commit included)
+    python -m bench.kernels                              # every case, the table
+    python -m bench.kernels --json out.json --deadline 200   # rows as JSON; start no case after 200 s
+    python -m bench.kernels --dry-run                    # CPU, interpreter, tiny shapes: exercises the code only
 
-Attention (bf16, forward and forward+backward) against F.scaled_dot_product_attention on the flash backend
-(enable_gqa for GQA; it has no sliding window) and FlexAttention with causal / sliding-window block masks; TFLOP/s
-count only the visible (query, key) pairs: 4 * B * H * D * pairs forward, 2.5x that for the backward. RoPE against
-the eager reference, in GB/s of the bytes that must move, beside a measured device-to-device copy bandwidth.
-Every Triton result is also checked against the first baseline's (max abs difference), so a fast but wrong config
-shows. Ratios are baseline ms / Triton ms: above 1, Triton is faster.
+Attention (bf16, causal, forward and forward+backward), cases in priority order (a deadline cuts the tail): each
+Triton candidate (TMA or pointer loads; atomic or deterministic dQ) against F.scaled_dot_product_attention (the first
+backend among flash, cuDNN, efficient that runs, named in the row) and FlexAttention with causal / sliding-window
+block masks. TFLOP/s count only the visible (query, key) pairs: 4 * B * H * D * pairs forward, 2.5x that for the
+backward. The small cases are also timed as CUDA-graph replays (launch overhead removed). RoPE against the eager
+reference, in GB/s of the bytes that must move, beside a measured device-to-device copy bandwidth. Every Triton
+result is checked against the first baseline's (max abs difference), so a fast but wrong path shows. Ratios are
+baseline ms / Triton ms (the fastest candidate): above 1, Triton is faster.
 """
 
-import argparse
-import json
+import functools
 import platform
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
-from kernels import apply_rope, flash_attention
-from kernels.reference import apply_rope_ref
+from bench import common
 
-DEVICE = "cuda"
 DTYPE = torch.bfloat16
-# name: (B, T, H, Hkv, D, window); all causal; in order of importance, should a timeout cut the run short.
+# name: (B, T, H, Hkv, D, window); all causal; in priority order, should the deadline cut the run short.
 ATTENTION_CASES = {
     "gpt2": (16, 1024, 12, 12, 64, None),
-    "gpt2-gqa": (16, 1024, 12, 4, 64, None),
-    "long-w1024": (2, 8192, 12, 12, 64, 1024),
     "long": (2, 8192, 12, 12, 64, None),
+    "long-w1024": (2, 8192, 12, 12, 64, 1024),
+    "gpt2-gqa": (16, 1024, 12, 4, 64, None),
     "long-w256": (2, 8192, 12, 12, 64, 256),
     "hd128": (8, 1024, 6, 6, 128, None),
 }
+GRAPH_CASES = ("gpt2", "gpt2-gqa", "hd128")  # short enough (tens of microseconds) to be launch-bound
 # name: (B, T, H, Hkv, D)
 ROPE_CASES = {"gpt2": (16, 1024, 12, 12, 64), "gpt2-gqa": (16, 1024, 12, 4, 64)}
+# Triton candidates: keyword arguments of flash_attention. The forward does not depend on the dQ path.
+CANDIDATES = {
+    "tma+atomic": dict(tma=True, deterministic=False),
+    "tma+det": dict(tma=True, deterministic=True),
+    "ptr+atomic": dict(tma=False, deterministic=False),
+    "ptr+det": dict(tma=False, deterministic=True),
+}
+FWD_CANDIDATES = {"tma": dict(tma=True), "ptr": dict(tma=False)}
 
 
-def bench_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of fn() after warm-up (triton.testing.do_bench: CUDA events, L2 flushed)."""
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+class Bench:
+    """Where and how to time: a CUDA device with do_bench, or (dry run) the CPU interpreter with a wall clock."""
+
+    def __init__(self, dry_run: bool):
+        self.dry_run = dry_run
+        self.device = "cpu" if dry_run else "cuda"
+
+    def ms(self, fn: Callable[[], object]) -> float:
+        """Median milliseconds of fn() after warm-up (triton.testing.do_bench: CUDA events, L2 flushed)."""
+        if self.dry_run:
+            t0 = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - t0)
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def graph_ms(self, fn: Callable[[], object]) -> float:
+        """Median milliseconds of fn() replayed from a CUDA graph (launch gaps removed)."""
+        if self.dry_run:
+            return self.ms(fn)
+        import triton
+
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
 def visible_pairs(T: int, window: int | None) -> int:
@@ -54,11 +82,21 @@ def visible_pairs(T: int, window: int | None) -> int:
     return window * (window + 1) // 2 + (T - window) * window
 
 
-def copy_bandwidth_gbs() -> float:
+def visible_tiles(T: int, window: int | None, block: int = 128) -> int:
+    """(block x block) score tiles with at least one visible pair: the work of a tiled kernel."""
+    window = T if window is None else window
+    tiles = 0
+    for m in range(0, T, block):
+        last_row = min(m + block, T) - 1
+        tiles += last_row // block - max(m - window + 1, 0) // block + 1
+    return tiles
+
+
+def copy_bandwidth_gbs(bench: Bench) -> float:
     """Device-to-device copy bandwidth (GB/s, bytes read + written) of a 1 GiB buffer: the ceiling for RoPE."""
-    src = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
+    src = torch.empty(2**20 if bench.dry_run else 2**30, dtype=torch.uint8, device=bench.device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / bench_ms(lambda: dst.copy_(src)) / 1e6
+    return 2 * src.numel() / bench.ms(lambda: dst.copy_(src)) / 1e6
 
 
 def runner(op: Callable, args: tuple, mode: str, wrt: tuple, douts: tuple) -> Callable[[], tuple]:
@@ -72,126 +110,188 @@ def runner(op: Callable, args: tuple, mode: str, wrt: tuple, douts: tuple) -> Ca
     return run
 
 
-def attention_baselines(T: int, window: int | None, gqa: bool) -> dict[str, Callable]:
-    """Baseline attentions on (B, T, heads, D) inputs (transposed views for PyTorch's (B, heads, T, D) layout)."""
+def sdpa_baseline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bench: Bench) -> tuple[str, Callable] | None:
+    """PyTorch SDPA on (B, T, heads, D) inputs through the first backend among flash, cuDNN, efficient that runs
+    this problem (GQA included), with that backend's name; None when none does."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    baselines = {}
-    if window is None:
+    gqa = k.shape[2] != q.shape[2]
+    backends = [SDPBackend.MATH] if bench.dry_run else [
+        SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
+    ]  # fmt: skip
+    for backend in backends:
 
-        def sdpa(q, k, v):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        def sdpa(q, k, v, backend=backend):
+            with sdpa_kernel(backend):
                 out = F.scaled_dot_product_attention(
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa
                 )
             return out.transpose(1, 2)
 
-        baselines["sdpa"] = sdpa
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return baselines
+        try:
+            sdpa(q, k, v)
+        except RuntimeError:
+            continue
+        return backend.name.lower(), sdpa
+    return None
+
+
+def flex_baseline(T: int, window: int | None, gqa: bool, bench: Bench) -> Callable:
+    """FlexAttention with a causal or sliding-window block mask, compiled (it is only fast compiled; eager on CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def mask_mod(b, h, q_idx, kv_idx):
         visible = q_idx >= kv_idx
         return visible if window is None else visible & (q_idx - kv_idx < window)
 
-    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=DEVICE)
-    flex = torch.compile(flex_attention, dynamic=False)  # FlexAttention is only fast compiled
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=bench.device)
+    flex = flex_attention if bench.dry_run else torch.compile(flex_attention, dynamic=False)
 
     def flex_attn(q, k, v):
         out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, enable_gqa=gqa)
         return out.transpose(1, 2)
 
-    baselines["flex"] = flex_attn
-    return baselines
+    return flex_attn
 
 
 def max_diff(a: tuple, b: tuple) -> float:
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
-def bench_attention(record: Callable[[dict], None]) -> None:
-    for name, (B, T, H, Hkv, D, window) in ATTENTION_CASES.items():
-        qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device=DEVICE, dtype=DTYPE)
+def time_impl(row: dict, impl: str, fn: Callable, flops_or_bytes: float, rate: str, bench: Bench) -> tuple | None:
+    """Run and time one implementation into row["results"][impl]; return its outputs (None if it failed)."""
+    try:
+        out = fn()
+        ms = bench.ms(fn)
+        row["results"][impl] = {"ms": ms, rate: flops_or_bytes / ms / (1e9 if rate == "tflops" else 1e6)}
+        return out
+    except Exception as e:  # a broken candidate or baseline must not hide the others
+        row["results"][impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        return None
+
+
+def finish_row(row: dict, outputs: dict[str, tuple], baselines: list[str]) -> None:
+    """The fastest Triton candidate, each baseline's ratio to it, and its max difference to the first baseline."""
+    timed = {i: r["ms"] for i, r in row["results"].items() if "ms" in r}
+    triton_impls = [i for i in timed if i.startswith("triton")]
+    if not triton_impls:
+        return
+    best = min(triton_impls, key=timed.get)
+    row["best"] = best
+    for b in baselines:
+        if b in timed:
+            row[f"x_{b}"] = timed[b] / timed[best]
+    reference = next((outputs[b] for b in baselines if outputs.get(b) is not None), None)
+    if reference is not None:
+        row["max_diff"] = {i: max_diff(outputs[i], reference) for i in triton_impls if outputs.get(i) is not None}
+
+
+def bench_attention(cases: dict, bench: Bench, record: Callable[[dict], None], deadline: float) -> None:
+    from kernels import flash_attention
+
+    for name, (B, T, H, Hkv, D, window) in cases.items():
+        if time.monotonic() > deadline:
+            record({"kernel": "attention", "case": name, "skipped": "deadline"})
+            continue
+        qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device=bench.device, dtype=DTYPE)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)  # views of a fused projection, as in the model
         q, k, v = (t.view(B, T, -1, D).detach().requires_grad_() for t in (q, k, v))
-        dout = torch.randn(B, T, H, D, device=DEVICE, dtype=DTYPE)
+        dout = torch.randn(B, T, H, D, device=bench.device, dtype=DTYPE)
         fwd_flops = 4 * B * H * D * visible_pairs(T, window)
-        impls = {"triton": lambda q, k, v, w=window: flash_attention(q, k, v, causal=True, window=w)}
+        baselines = {}
         try:
-            impls |= attention_baselines(T, window, gqa=Hkv != H)
-        except Exception as e:  # a missing or broken baseline must not hide the Triton numbers
-            print(f"{name}: baselines unavailable: {type(e).__name__}: {e}", file=sys.stderr)
-        for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
-            row = {"kernel": "attention", "case": name, "shape": [B, T, H, Hkv, D], "window": window, "mode": mode}
-            results = {}
+            sdpa = sdpa_baseline(q, k, v, bench) if window is None else None
+            if sdpa is not None:
+                baselines["sdpa"] = sdpa[1]
+            baselines["flex"] = flex_baseline(T, window, Hkv != H, bench)
+        except Exception as e:
+            print(f"{name}: a baseline is unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+        for mode, flops, candidates in (("fwd", fwd_flops, FWD_CANDIDATES), ("fwd+bwd", 3.5 * fwd_flops, CANDIDATES)):
+            row = {"kernel": "attention", "case": name, "shape": [B, T, H, Hkv, D], "window": window, "mode": mode,
+                   "tiles": visible_tiles(T, window), "results": {}}  # fmt: skip
+            if "sdpa" in baselines:
+                row["sdpa_backend"] = sdpa[0]
+            impls = {
+                f"triton[{c}]": functools.partial(flash_attention, causal=True, window=window, **kw)
+                for c, kw in candidates.items()
+            }
+            impls |= baselines
+            outputs = {}
             for impl, attn in impls.items():
                 fn = runner(attn, (q, k, v), mode, (q, k, v), (dout,))
-                try:
-                    results[impl] = fn()
-                    row[f"{impl}_ms"] = bench_ms(fn)
-                    row[f"{impl}_tflops"] = flops / row[f"{impl}_ms"] / 1e9
-                except Exception as e:
-                    row[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            for impl in impls:
-                if impl != "triton" and f"{impl}_ms" in row and "triton_ms" in row:
-                    row[f"x_{impl}"] = row[f"{impl}_ms"] / row["triton_ms"]
-            baseline = next((r for i, r in results.items() if i != "triton"), None)
-            if baseline is not None and "triton" in results:
-                row["max_diff"] = max_diff(results["triton"], baseline)
+                outputs[impl] = time_impl(row, impl, fn, flops, "tflops", bench)
+            finish_row(row, outputs, list(baselines))
+            if name in GRAPH_CASES and "best" in row:
+                for impl in (row["best"], *baselines):
+                    try:
+                        fn = runner(impls[impl], (q, k, v), mode, (q, k, v), (dout,))
+                        row["results"][impl]["graph_ms"] = bench.graph_ms(fn)
+                    except Exception as e:
+                        row["results"][impl]["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             record(row)
 
 
-def bench_rope(copy_gbs: float, record: Callable[[dict], None]) -> None:
-    for name, (B, T, H, Hkv, D) in ROPE_CASES.items():
-        qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device=DEVICE, dtype=DTYPE)
+def bench_rope(cases: dict, copy_gbs: float, bench: Bench, record: Callable[[dict], None]) -> None:
+    from kernels import apply_rope
+    from kernels.reference import apply_rope_ref
+
+    for name, (B, T, H, Hkv, D) in cases.items():
+        qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device=bench.device, dtype=DTYPE)
         q, k, _ = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q, k = q.view(B, T, H, D).detach().requires_grad_(), k.view(B, T, Hkv, D).detach().requires_grad_()
-        angles = torch.arange(T, device=DEVICE)[:, None] * 10000 ** -(torch.arange(D // 2, device=DEVICE) / (D // 2))
+        pos = torch.arange(T, device=bench.device)[:, None]
+        angles = pos * 10000 ** -(torch.arange(D // 2, device=bench.device) / (D // 2))
         cos, sin = angles.cos().float(), angles.sin().float()
         dq, dk = torch.randn_like(q), torch.randn_like(k)
         # Read q and k, write their rotations (backward: the same for the gradients); cos/sin once.
         fwd_bytes = 2 * (q.numel() + k.numel()) * q.element_size() + 2 * cos.numel() * 4
         for mode, nbytes in (("fwd", fwd_bytes), ("fwd+bwd", 2 * fwd_bytes)):
-            row = {"kernel": "rope", "case": name, "shape": [B, T, H, Hkv, D], "mode": mode, "copy_gbs": copy_gbs}
-            results = {}
+            row = {"kernel": "rope", "case": name, "shape": [B, T, H, Hkv, D], "mode": mode, "copy_gbs": copy_gbs,
+                   "results": {}}  # fmt: skip
+            outputs = {}
             for impl, rope in (("triton", apply_rope), ("eager", apply_rope_ref)):
                 fn = runner(rope, (q, k, cos, sin), mode, (q, k), (dq, dk))
-                results[impl] = fn()
-                row[f"{impl}_ms"] = bench_ms(fn)
-                row[f"{impl}_gbs"] = nbytes / row[f"{impl}_ms"] / 1e6
-            row["x_eager"] = row["eager_ms"] / row["triton_ms"]
-            row["of_copy"] = row["triton_gbs"] / copy_gbs
-            row["max_diff"] = max_diff(results["triton"], results["eager"])
+                outputs[impl] = time_impl(row, impl, fn, nbytes, "gbs", bench)
+            finish_row(row, outputs, ["eager"])
+            if "gbs" in row["results"]["triton"]:
+                row["of_copy"] = row["results"]["triton"]["gbs"] / copy_gbs
             record(row)
 
 
-def print_row(row: dict) -> None:
-    """One line per (kernel, case, mode): Triton's time and rate, then each baseline's with the ratio."""
+def format_row(row: dict) -> str:
+    """One line per (kernel, case, mode): each implementation's time and rate, the best Triton's ratios."""
+    if "skipped" in row:
+        return f"{row['kernel']:<9} {row['case']:<11} skipped ({row['skipped']})"
+    unit = "TFLOP/s" if row["kernel"] == "attention" else "GB/s"
     rate = "tflops" if row["kernel"] == "attention" else "gbs"
-    unit = "TFLOP/s" if rate == "tflops" else "GB/s"
     parts = [f"{row['kernel']:<9} {row['case']:<11} {row['mode']:<7}"]
-    for impl in ("triton", "sdpa", "flex", "eager"):
-        if f"{impl}_ms" in row:
-            ratio = f" (x{row[f'x_{impl}']:.2f})" if f"x_{impl}" in row else ""
-            parts.append(f"{impl} {row[f'{impl}_ms']:8.3f} ms {row[f'{impl}_{rate}']:7.1f} {unit}{ratio}")
-        elif f"{impl}_error" in row:
-            parts.append(f"{impl} FAILED: {row[f'{impl}_error'][:80]}")
+    for impl, r in row["results"].items():
+        if "ms" in r:
+            graph = f" (graph {r['graph_ms']:.3f})" if "graph_ms" in r else ""
+            parts.append(f"{impl} {r['ms']:.3f} ms{graph} {r[rate]:.1f} {unit}")
+        else:
+            parts.append(f"{impl} FAILED: {r['error'][:80]}")
+    ratios = [f"x{row[key]:.2f} vs {key[2:]}" for key in row if key.startswith("x_")]
+    if "best" in row:
+        parts.append(f"best {row['best']}" + (f" ({', '.join(ratios)})" if ratios else ""))
+    if "sdpa_backend" in row:
+        parts.append(f"sdpa backend {row['sdpa_backend']}")
     if "of_copy" in row:
         parts.append(f"{100 * row['of_copy']:.0f}% of copy")
-    if "max_diff" in row:
-        parts.append(f"max|diff| {row['max_diff']:.2e}")
-    print(" | ".join(parts), flush=True)
+    if row.get("max_diff"):
+        parts.append(f"max|diff| {max(row['max_diff'].values()):.2e}")
+    return " | ".join(parts)
 
 
-def environment() -> dict:
+def environment(bench: Bench) -> dict:
+    import triton
+
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
     return {
-        "device": torch.cuda.get_device_name(),
+        "device": "cpu (dry run)" if bench.dry_run else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
@@ -201,33 +301,41 @@ def environment() -> dict:
     }
 
 
+def dry_run_cases() -> tuple[dict, dict]:
+    """Tiny stand-ins for every case (same names, windows scaled down), for the interpreter."""
+    attention = {name: (1, 96, 2, 2 if Hkv == H else 1, D, window and window // 64)
+                 for name, (B, T, H, Hkv, D, window) in ATTENTION_CASES.items()}  # fmt: skip
+    rope = {name: (1, 16, 2, 2 if Hkv == H else 1, D) for name, (B, T, H, Hkv, D) in ROPE_CASES.items()}
+    return attention, rope
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, help="also write the environment and every row to this JSON file")
-    parser.add_argument(
-        "--only", choices=["attention", "rope"], help="run one kernel's benchmarks (default: both, RoPE first)"
+    parser = common.parser(
+        __doc__, "also write the environment and every row to this JSON file", "start no attention case after S seconds"
     )
+    parser.add_argument("--only", choices=["attention", "rope"], help="one kernel's benchmarks (default: both)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench.kernels needs a CUDA device (none found); the kernels' correctness is tested on CPU by pytest")
-    env = environment()
+    common.select_device(args.dry_run, "bench.kernels")
+    bench = Bench(args.dry_run)
+    deadline = time.monotonic() + args.deadline
+    attention_cases, rope_cases = dry_run_cases() if args.dry_run else (ATTENTION_CASES, ROPE_CASES)
+    env = environment(bench)
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
-    copy_gbs = copy_bandwidth_gbs()
+    copy_gbs = copy_bandwidth_gbs(bench)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s", flush=True)
     rows = []
 
     def record(row: dict) -> None:
         # Rewritten after every row, so a run cut short by a timeout still leaves its results.
         rows.append(row)
-        print_row(row)
+        print(format_row(row), flush=True)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({**env, "copy_gbs": copy_gbs, "rows": rows}, indent=1))
+            common.write_json(args.json, {**env, "copy_gbs": copy_gbs, "rows": rows})
 
-    if args.only in (None, "rope"):
-        bench_rope(copy_gbs, record)
+    if args.only in (None, "rope"):  # first: seconds, no autotuning
+        bench_rope(rope_cases, copy_gbs, bench, record)
     if args.only in (None, "attention"):
-        bench_attention(record)
+        bench_attention(attention_cases, bench, record, deadline)
 
 
 if __name__ == "__main__":

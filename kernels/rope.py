@@ -2,131 +2,70 @@
 
 Algorithm: out[..., :D/2] = x1 * cos - x2 * sin, out[..., D/2:] = x2 * cos + x1 * sin, computed in fp32. The backward
 is the same rotation by the opposite angle (sin negated), so one kernel serves both directions.
-Layout: q (B, T, H, D), k (B, T, Hkv, D) with any strides (views of a fused qkv projection need no copy); cos/sin
-(T, D/2) fp32. Each program rotates all heads of a tile of BLOCK_T tokens of q or of k (grid (T / BLOCK_T, B, 2)),
-reading the tile's cos/sin once for all of them.
+Layout: q (B, T, H, D), k (B, T, Hkv, D) with unit last stride, other strides free (views of a fused qkv projection
+need no copy); cos/sin (T, D/2) fp32. Each program rotates all heads of a tile of BLOCK_T tokens of q or of k (grid
+(T / BLOCK_T, B, 2)), reading the tile's cos/sin once for all of them. Offsets are 64-bit where they can pass 2^31.
 Limits: any even D, fp32 / fp16 / bf16; outputs are contiguous (B, T, heads, D) in the input dtype. cos and sin are
 not differentiated (they are position tables, not parameters).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def store_cast(x, ptr, ROUND_BF16: tl.constexpr):
-    """Cast fp32 `x` to the element type of `ptr`, rounding to nearest even.
-
-    The interpreter truncates fp32 -> bf16 (a GPU rounds), so with ROUND_BF16 the value is first rounded to the bf16
-    grid with integer ops, which makes the interpreter's cast exact.
-    """
-    if ROUND_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(ptr.dtype.element_ty)
+from kernels import _utils
+from kernels._utils import store_cast
 
 
 @triton.jit
 def _rotate_tile(
-    x_ptr,
-    o_ptr,
-    n_heads,
-    stride_xt,
-    stride_xh,
-    stride_xd,
-    stride_ot,
-    stride_oh,
-    cos,
-    sin,
-    offs_t,
-    offs_h,
-    offs_d,
-    T,
-    HALF: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-):
-    # x/o point at (b, 0, 0, 0) of a (T, n_heads, 2 * HALF) slab; cos/sin are (BLOCK_T, 1, BLOCK_HALF) fp32.
+    x_ptr, o_ptr, n_heads, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin, offs_t, offs_h, offs_d, T,
+    HALF: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    # x/o point at (b, t0, 0, 0) of a (T - t0, n_heads, 2 * HALF) slab with unit last stride; offs_t counts from t0;
+    # cos/sin are (BLOCK_T, 1, BLOCK_HALF) fp32. Head offsets are 64-bit: heads can lie T * D apart.
     mask = (offs_t < T)[:, None, None] & (offs_h < n_heads)[None, :, None] & (offs_d < HALF)[None, None, :]
-    x = (
-        x_ptr
-        + offs_t[:, None, None] * stride_xt
-        + offs_h[None, :, None] * stride_xh
-        + offs_d[None, None, :] * stride_xd
-    )
+    heads = offs_h.to(tl.int64)[None, :, None]
+    x = x_ptr + (offs_t[:, None, None] * stride_xt + offs_d[None, None, :]) + heads * stride_xh
     x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x + HALF * stride_xd, mask=mask, other=0.0).to(tl.float32)
-    o = o_ptr + offs_t[:, None, None] * stride_ot + offs_h[None, :, None] * stride_oh + offs_d[None, None, :]
+    x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
+    o = o_ptr + (offs_t[:, None, None] * stride_ot + offs_d[None, None, :]) + heads * stride_oh
     tl.store(o, store_cast(x1 * cos - x2 * sin, o_ptr, ROUND_BF16), mask=mask)
     tl.store(o + HALF, store_cast(x2 * cos + x1 * sin, o_ptr, ROUND_BF16), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(
-    q_ptr,
-    k_ptr,
-    qo_ptr,
-    ko_ptr,
-    cos_ptr,
-    sin_ptr,
-    T,
-    H,
-    HKV,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_kd,
-    stride_qob,
-    stride_qot,
-    stride_qoh,
-    stride_kob,
-    stride_kot,
-    stride_koh,
-    stride_ct,
-    stride_st,
-    HALF: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-    INVERSE: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-):
-    # q: (B, T, H, D), k: (B, T, HKV, D) any strides; qo/ko: contiguous outputs of the same shapes; cos/sin: (T, HALF)
-    # fp32 with unit last stride. Program (token tile, b, 0 for q / 1 for k) rotates all heads of its token tile:
-    # one (BLOCK_T, BLOCK_H, BLOCK_HALF) tile per half, so the cos/sin tile is read once for every head.
-    pid_t = tl.program_id(0)
+    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, H, HKV,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_qob, stride_qot, stride_qoh, stride_kob, stride_kot, stride_koh, stride_ct, stride_st,
+    HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    INVERSE: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    # q: (B, T, H, D), k: (B, T, HKV, D) with unit last strides; qo/ko: contiguous outputs of the same shapes;
+    # cos/sin: (T, HALF) fp32 with unit last stride. Program (token tile, b, 0 for q / 1 for k) rotates all heads of
+    # its token tile: one (BLOCK_T, BLOCK_H, BLOCK_HALF) tile per half, so the cos/sin tile is read once for every
+    # head. The tile's first token is a 64-bit offset; offsets inside the tile stay 32-bit.
+    t0 = tl.program_id(0) * BLOCK_T
     off_b = tl.program_id(1).to(tl.int64)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = tl.arange(0, BLOCK_T)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
-    mask = (offs_t < T)[:, None] & (offs_d < HALF)[None, :]
-    cos = tl.load(cos_ptr + offs_t[:, None] * stride_ct + offs_d[None, :], mask=mask, other=0.0)[:, None, :]
-    sin = tl.load(sin_ptr + offs_t[:, None] * stride_st + offs_d[None, :], mask=mask, other=0.0)[:, None, :]
+    mask = (t0 + offs_t < T)[:, None] & (offs_d < HALF)[None, :]
+    cos = tl.load(cos_ptr + (t0 + offs_t)[:, None] * stride_ct + offs_d[None, :], mask=mask, other=0.0)[:, None, :]
+    sin = tl.load(sin_ptr + (t0 + offs_t)[:, None] * stride_st + offs_d[None, :], mask=mask, other=0.0)[:, None, :]
     if INVERSE:
         sin = -sin
+    t0_64 = t0.to(tl.int64)
     if tl.program_id(2) == 0:
         _rotate_tile(
-            q_ptr + off_b * stride_qb, qo_ptr + off_b * stride_qob, H, stride_qt, stride_qh, stride_qd, stride_qot,
-            stride_qoh, cos, sin, offs_t, offs_h, offs_d, T, HALF, ROUND_BF16,
+            q_ptr + off_b * stride_qb + t0_64 * stride_qt, qo_ptr + off_b * stride_qob + t0_64 * stride_qot, H,
+            stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin, offs_t, offs_h, offs_d, T - t0, HALF, ROUND_BF16,
         )  # fmt: skip
     else:
         _rotate_tile(
-            k_ptr + off_b * stride_kb, ko_ptr + off_b * stride_kob, HKV, stride_kt, stride_kh, stride_kd, stride_kot,
-            stride_koh, cos, sin, offs_t, offs_h, offs_d, T, HALF, ROUND_BF16,
+            k_ptr + off_b * stride_kb + t0_64 * stride_kt, ko_ptr + off_b * stride_kob + t0_64 * stride_kot, HKV,
+            stride_kt, stride_kh, stride_kot, stride_koh, cos, sin, offs_t, offs_h, offs_d, T - t0, HALF, ROUND_BF16,
         )  # fmt: skip
 
 
@@ -148,9 +87,9 @@ def _rotate(
     grid = (triton.cdiv(T, block_t), B, 2)
     _rope_kernel[grid](
         q, k, q_out, k_out, cos, sin, T, H, Hkv,
-        *q.stride(), *k.stride(), *q_out.stride()[:3], *k_out.stride()[:3], cos.stride(0), sin.stride(0),
+        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], cos.stride(0), sin.stride(0),
         HALF=half, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, INVERSE=inverse,
-        ROUND_BF16=interpreting() and q.dtype == torch.bfloat16, num_warps=4,
+        ROUND_BF16=_utils.INTERPRET and q.dtype == torch.bfloat16, num_warps=4,
     )  # fmt: skip
     return q_out, k_out
 
@@ -183,22 +122,6 @@ def _backward(ctx, grad_q, grad_k):
 _apply_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def check_device(*tensors: torch.Tensor) -> None:
-    """Raise ValueError unless all tensors share one device on which Triton can run (CUDA, or CPU when interpreting)."""
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
-    device = devices.pop()
-    if device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"Triton kernels need CUDA tensors, got device {device}; to run on CPU set TRITON_INTERPRET=1 before "
-            "importing kernels (the interpreter is slow: tests only), or use kernels.reference"
-        )
-
-
-MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis, which holds the batch (times the heads)
-
-
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,25 +131,21 @@ def apply_rope(
     are free: views of a fused qkv projection need no copy); cos, sin: (T, D/2) float32. Returns contiguous rotated
     (q, k) in the input dtype. Differentiable with respect to q and k; cos and sin get no gradient.
     """
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be (B, T, heads, D), got shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    _utils.check_inputs(q=q, k=k)
     B, T, H, D = q.shape
     if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
         raise ValueError(f"k must be (B={B}, T={T}, Hkv, D={D}) like q {tuple(q.shape)}, got {tuple(k.shape)}")
     if D % 2 != 0:
         raise ValueError(f"the head dim must be even for rotate-half RoPE, got {D}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype:
-        raise ValueError(f"q and k must share one dtype among {_DTYPES}, got {q.dtype} and {k.dtype}")
     for name, t in (("cos", cos), ("sin", sin)):
         if t.shape != (T, D // 2):
             raise ValueError(f"{name} must be (T, D/2) = ({T}, {D // 2}), got {tuple(t.shape)}")
         if t.dtype != torch.float32:
             raise ValueError(f"{name} must be float32, got {t.dtype}")
-    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a unit last stride, got strides {t.stride()}")
-    check_device(q, k, cos, sin)
-    if B > MAX_GRID_Y:  # more sequences than one launch's grid holds: rotate the batch in slices
-        rotated = [apply_rope(q[i : i + MAX_GRID_Y], k[i : i + MAX_GRID_Y], cos, sin) for i in range(0, B, MAX_GRID_Y)]
+    _utils.check_unit_last_stride(cos=cos, sin=sin)
+    _utils.check_device(q, k, cos, sin)
+    rows = _utils.MAX_GRID_Y
+    if B > rows:  # more sequences than one launch's grid holds: rotate the batch in slices
+        rotated = [apply_rope(q[i : i + rows], k[i : i + rows], cos, sin) for i in range(0, B, rows)]
         return torch.cat([qr for qr, _ in rotated]), torch.cat([kr for _, kr in rotated])
     return _apply_rope_op(q, k, cos, sin, False)

@@ -1,16 +1,12 @@
 """Triton flash attention against the float64 reference: outputs, gradients, GQA, windows, strides, torch.compile."""
 
-import os
-import subprocess
-import sys
-import textwrap
+import functools
 
 import pytest
 import torch
-import triton
 from conftest import DEVICE, assert_matches_ref
 
-import kernels.rope
+import kernels._utils
 from kernels import apply_rope, flash_attention
 from kernels.reference import apply_rope_ref, flash_attention_ref
 
@@ -21,13 +17,18 @@ def make_qkv(B, T, H, Hkv, D, dtype, layout, seed=0):
     """Random q (B, T, H, D), k, v (B, T, Hkv, D) as leaves with gradients, in one of three memory layouts.
 
     "qkv": split views of one fused (B, T, (H + 2 Hkv) * D) projection; "bhtd": transposes of (B, heads, T, D)
-    tensors; "contiguous": three separate tensors.
+    tensors; "offset": qkv-like views that start one element into their storage (not 16-byte aligned: no TMA);
+    "contiguous": three separate tensors.
     """
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     shapes = [(B, T, H, D), (B, T, Hkv, D), (B, T, Hkv, D)]
     if layout == "qkv":
         fused = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g, device=DEVICE, dtype=dtype)
         parts = fused.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        tensors = [p.view(s) for p, s in zip(parts, shapes, strict=True)]
+    elif layout == "offset":
+        fused = torch.randn(B * T * (H + 2 * Hkv) * D + 1, generator=g, device=DEVICE, dtype=dtype)[1:]
+        parts = fused.view(B, T, -1).split([H * D, Hkv * D, Hkv * D], dim=-1)
         tensors = [p.view(s) for p, s in zip(parts, shapes, strict=True)]
     elif layout == "bhtd":
         tensors = [
@@ -45,31 +46,39 @@ def attention_and_grads(fn, q, k, v, dout, causal, window):
 
 CASES = [
     # (B, T, H, Hkv, D, causal, window, dtype, layout): every T/group/window/head-dim/dtype/layout case appears at
-    # least once; T mostly not a multiple of the block.
+    # least once; T mostly not a multiple of the block. "qkv" and "bhtd" views take the TMA path (16-byte strides),
+    # "offset" views (storage offset of one element) the pointer path.
     (2, 1, 4, 4, 64, True, None, torch.float32, "contiguous"),
     (2, 17, 4, 2, 32, True, None, torch.bfloat16, "qkv"),
-    (1, 113, 6, 2, 64, True, None, torch.float16, "qkv"),
+    (1, 113, 6, 2, 64, True, None, torch.float16, "offset"),
     (1, 113, 6, 1, 64, True, 7, torch.float32, "qkv"),
     (1, 255, 4, 4, 16, True, 64, torch.bfloat16, "bhtd"),
-    (1, 130, 2, 2, 128, True, 1, torch.bfloat16, "qkv"),
+    (1, 130, 2, 2, 128, True, 1, torch.bfloat16, "offset"),
     (2, 100, 3, 1, 32, True, 100, torch.float32, "qkv"),
     (1, 77, 4, 2, 64, True, 500, torch.float16, "contiguous"),
     (1, 300, 3, 3, 64, True, 150, torch.bfloat16, "qkv"),
-    (1, 256, 4, 1, 64, True, None, torch.bfloat16, "qkv"),
+    (1, 256, 4, 1, 64, True, None, torch.bfloat16, "offset"),
     (1, 200, 4, 2, 64, False, None, torch.bfloat16, "qkv"),
     (2, 65, 2, 1, 128, False, None, torch.float32, "bhtd"),
-    (1, 97, 6, 3, 16, False, None, torch.float16, "bhtd"),
+    (1, 97, 6, 3, 16, False, None, torch.float16, "offset"),
     (1, 1000, 2, 1, 64, True, 256, torch.bfloat16, "qkv"),
     (1, 4097, 1, 1, 32, True, 130, torch.float32, "contiguous"),
     (3, 1, 4, 1, 128, True, 7, torch.bfloat16, "bhtd"),
 ]
+# Each case also runs one of the two backward paths, alternating, so both see every kind of case.
+PATHS = [dict(deterministic=i % 2 == 0) for i in range(len(CASES))]
 
 
-@pytest.mark.parametrize("B, T, H, Hkv, D, causal, window, dtype, layout", CASES)
-def test_matches_reference(B, T, H, Hkv, D, causal, window, dtype, layout):
+@pytest.mark.parametrize(
+    "B, T, H, Hkv, D, causal, window, dtype, layout, path",
+    [(*case, path) for case, path in zip(CASES, PATHS, strict=True)],
+    ids=[f"{i}-{'det' if p['deterministic'] else 'atomic'}" for i, p in enumerate(PATHS)],
+)
+def test_matches_reference(B, T, H, Hkv, D, causal, window, dtype, layout, path):
     q, k, v = make_qkv(B, T, H, Hkv, D, dtype, layout)
     dout = torch.randn(B, T, H, D, device=DEVICE, dtype=dtype)
-    got = attention_and_grads(flash_attention, q, k, v, dout, causal, window)
+    attention = functools.partial(flash_attention, **path)
+    got = attention_and_grads(attention, q, k, v, dout, causal, window)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = attention_and_grads(flash_attention_ref, q64, k64, v64, dout.double(), causal, window)
     ref_lowp = attention_and_grads(flash_attention_ref, q, k, v, dout, causal, window)
@@ -86,10 +95,12 @@ def test_custom_scale():
 
 
 def test_gqa_backward_is_deterministic():
+    """deterministic=True: bitwise repeatable (no atomics); on a GPU the atomic path would differ in the last bits."""
     q, k, v = make_qkv(1, 150, 6, 2, 32, torch.float32, "qkv")
     dout = torch.randn(1, 150, 6, 32, device=DEVICE)
-    first = attention_and_grads(flash_attention, q, k, v, dout, True, 40)
-    second = attention_and_grads(flash_attention, q, k, v, dout, True, 40)
+    attention = functools.partial(flash_attention, deterministic=True)
+    first = attention_and_grads(attention, q, k, v, dout, True, 40)
+    second = attention_and_grads(attention, q, k, v, dout, True, 40)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -147,7 +158,7 @@ def test_batch_beyond_one_grid_runs_in_slices(monkeypatch):
     q, k, v = make_qkv(3, 40, 2, 1, 32, torch.float32, "qkv")
     dout = torch.randn(q.shape, device=DEVICE)
     whole = attention_and_grads(flash_attention, q, k, v, dout, True, 7)
-    monkeypatch.setattr(kernels.rope, "MAX_GRID_Y", 5)  # 2 sequences of 2 heads a launch: slices of 2 and 1
+    monkeypatch.setattr(kernels._utils, "MAX_GRID_Y", 5)  # 2 sequences of 2 heads a launch: slices of 2 and 1
     sliced = attention_and_grads(flash_attention, q, k, v, dout, True, 7)
     for a, b in zip(whole, sliced, strict=True):
         assert torch.equal(a, b)
@@ -168,64 +179,37 @@ def test_rejects_bad_inputs(monkeypatch):
         "float64": (dict(q=q.double(), k=k.double(), v=v.double()), "torch.float64"),
         "last stride 2": (dict(q=torch.randn(1, 8, 4, 64, device=DEVICE)[..., ::2]), r"strides \(2048, 256, 64, 2\)"),
         "device mismatch": (dict(v=v.to("meta")), "meta"),
+        "row stride 2^24": (
+            dict(k=torch.empty(1, 2, 4, 32, device="meta").as_strided((1, 8, 2, 32), (0, 2**24, 32, 1))),
+            "row",
+        ),
+        "scale 0": (dict(scale=0.0), "got 0.0"),
     }
     for case, (kwargs, message) in bad.items():
         args = dict(q=q, k=k, v=v, causal=True, window=None) | kwargs
         with pytest.raises(ValueError, match=message):
             flash_attention(**args)
             pytest.fail(f"accepted {case}")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(kernels._utils, "INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         flash_attention(q.cpu(), k.cpu(), v.cpu())
 
 
-# Compiles kernels for an H100 (sm_90) without one: what the interpreter forgives (dot shapes, dtypes, shared memory)
-# fails here. Launch-time specializations are mimicked: unit last strides, other strides and pointers 16-aligned.
-_HOPPER_COMPILE = textwrap.dedent(
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from kernels import attention, rope
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_forced_gpu_configs_match_reference(deterministic):
+    """`forced_configs` (how bench.configs checks every config on a GPU) runs the first GPU tiles of each kernel:
+    128-row tiles, on ragged T with GQA and a window."""
+    from kernels import attention
 
-    def compile_sm90(kernel, dtype, constexprs, num_warps, num_stages):
-        fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction under an autotuner
-        consts = {**constexprs, **{a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")}}
-        sig, attrs = {}, {}
-        for i, a in enumerate(fn.arg_names):
-            if a in consts:
-                sig[a] = "constexpr"
-            elif a in ("LSE", "DELTA", "cos_ptr", "sin_ptr"):
-                sig[a] = "*fp32"
-            elif a.endswith("_ptr") or (a.isupper() and a not in ("T", "H", "G", "HKV", "WINDOW")):
-                sig[a] = "*" + dtype
-            else:
-                sig[a] = "fp32" if a.endswith("scale") else "i32"
-            if sig[a].startswith("*") or (a.startswith("stride_") and a not in consts):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-        options = {"num_warps": num_warps, "num_stages": num_stages}
-        shared = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
-        assert shared <= 227 * 1024, f"{fn.__name__} {dtype} {constexprs}: {shared} B of shared memory"
-
-    for dtype, head_dim, config in (("bf16", 64, 0), ("bf16", 128, 0), ("bf16", 128, -2), ("fp32", 128, -1)):
-        flags = dict(HEAD_DIM=head_dim, IS_CAUSAL=True, UPCAST=False, ROUND_BF16=False)
-        flags["DOT_PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
-        for kernel in (attention._attn_fwd, attention._attn_bwd_dkdv, attention._attn_bwd_dq):
-            c = kernel.configs[config]
-            compile_sm90(kernel, dtype, {**flags, **c.kwargs}, c.num_warps, c.num_stages)
-    compile_sm90(attention._attn_bwd_preprocess, "bf16", dict(HEAD_DIM=128, BLOCK_M=128), 4, 1)
-    compile_sm90(rope._rope_kernel, "bf16", dict(HALF=32, BLOCK_T=8, BLOCK_H=16, BLOCK_HALF=32, INVERSE=True,
-                                                 ROUND_BF16=False), 4, 1)
-    """
-)
-
-
-@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU every other test compiles the kernels for real")
-@pytest.mark.skipif(
-    tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9), reason="uses triton 3.9's compiler API"
-)
-def test_kernels_compile_for_hopper():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    B, T, H, Hkv, D, W = 1, 150, 4, 2, 64, 70
+    q, k, v = make_qkv(B, T, H, Hkv, D, torch.float32, "qkv")
+    dout = torch.randn(B, T, H, D, device=DEVICE)
+    configs = {kernel: tiles[(64, True)][0].config() for kernel, tiles in attention.TILES.items()}
+    with attention.forced_configs(**configs):
+        got = attention_and_grads(
+            functools.partial(flash_attention, deterministic=deterministic), q, k, v, dout, True, W
+        )  # fmt: skip
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_and_grads(flash_attention_ref, q64, k64, v64, dout.double(), True, W)
+    for g, r in zip(got, ref, strict=True):
+        assert_matches_ref(g, r, r, fp32_atol=2e-5, fp32_rtol=1e-5)

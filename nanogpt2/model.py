@@ -26,7 +26,6 @@ from nanogpt2.loss import linear_cross_entropy
 
 POS_EMBS = ("learned", "rope")
 ATTN_IMPLS = ("torch", "triton")
-TRITON_HEAD_DIMS = (16, 32, 64, 128)  # the head dims kernels/attention.py compiles for
 
 
 @dataclass
@@ -240,8 +239,11 @@ def check_attn(config: GPTConfig, attn: str) -> None:
     """ValueError unless `attn` names an implementation that can run this config."""
     if attn not in ATTN_IMPLS:
         raise ValueError(f"attn must be one of {ATTN_IMPLS}, got {attn!r}")
-    if attn == "triton" and config.head_dim not in TRITON_HEAD_DIMS:
-        raise ValueError(f"attn='triton' needs a head dim in {TRITON_HEAD_DIMS}, got {config.head_dim}")
+    if attn == "triton":
+        from kernels import SUPPORTED_HEAD_DIMS  # imported here: a CPU run with attn="torch" never loads Triton
+
+        if config.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"attn='triton' needs a head dim in {SUPPORTED_HEAD_DIMS}, got {config.head_dim}")
 
 
 class GPT(nn.Module):

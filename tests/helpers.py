@@ -65,3 +65,17 @@ def assert_bad_input(result: subprocess.CompletedProcess, message: str, unchange
     assert message in lines[0], lines[0]
     for folder, before in (unchanged or {}).items():
         assert snapshot(folder) == before, f"{folder} changed"
+
+
+def assert_matches_ref(out, ref, ref_lowp, factor=2.0, atol=1e-3, fp32_atol=1e-5, fp32_rtol=0.0):
+    """Flash-attention's criterion: |out - ref| <= factor * |ref_lowp - ref| + atol (max norms) in fp16/bf16,
+    where ref is computed in float64 and ref_lowp in out's dtype; in fp32, |out - ref| <= fp32_atol + fp32_rtol *
+    max|ref|. Every element must be finite (with `nan_outputs`, an unwritten one is NaN)."""
+    assert torch.isfinite(out).all(), "the kernel left NaN/inf (unwritten) elements"
+    err = (out.double() - ref).abs().max().item()
+    if out.dtype == torch.float32:
+        bound = fp32_atol + fp32_rtol * ref.abs().max().item()
+        assert err <= bound, f"fp32 max error {err:.3g} > {bound:.3g}"
+    else:
+        base = (ref_lowp.double() - ref).abs().max().item()
+        assert err <= factor * base + atol, f"max error {err:.3g} > {factor} * {base:.3g} + {atol}"

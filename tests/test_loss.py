@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from helpers import DEVICE
 
 from nanogpt2.loss import linear_cross_entropy
 from nanogpt2.model import GPT, GPTConfig

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICE, assert_matches_ref
+from helpers import DEVICE, assert_matches_ref
 
 import kernels._utils
 from kernels import apply_rope

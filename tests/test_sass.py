@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import triton
-from conftest import DEVICE
+from helpers import DEVICE
 
 from kernels import SUPPORTED_HEAD_DIMS, attention
 

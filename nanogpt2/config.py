@@ -133,7 +133,10 @@ class TrainConfig:
     beta1: float = flag(BS, "AdamW beta1 (default: 0.9)", 0.9, float, "run")
     beta2: float = flag(BS, "AdamW beta2 (default: 0.95)", 0.95, float, "run")
     grad_clip: float = flag(BS, "clip the global grad norm; 0: off (default: 1.0)", 1.0, float, "run")
-    seed: int = flag(BS, "seed of weights, dropout, synthetic data (default: 1337)", 1337, int, "run")
+    seed: int = flag(
+        BS, "seed of the weights, dropout, the shuffled data order and synthetic data, in [0, 2**63) (default: 1337)",
+        1337, int, "run"
+    )  # fmt: skip
     # evaluation, output and resuming
     eval_every: int | None = flag(EV, f"val loss every N steps and at the end; 0: at the end only {dflt('eval_every')}",
                                   type=int)  # fmt: skip
@@ -217,6 +220,8 @@ class TrainConfig:
         for key in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
             if not math.isfinite(getattr(self, key)):
                 raise ConfigError(f"{flag_name(key)} must be a finite number, got {getattr(self, key)}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{flag_name(key)} must be in [0, 1), got {getattr(self, key)}")

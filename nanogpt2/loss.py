@@ -77,8 +77,12 @@ def _linear_cross_entropy_op(
         if p.dtype != compute_dtype:
             p = logits[: end - start].copy_(p)
         torch.mul(p @ Wv, w[:, None], out=grad_h[start:end])  # the row weights applied in acc_dtype, rounded once
-        hw = (h[start:end] * w[:, None]).to(compute_dtype)  # (n, C)
-        _mm_into(grad_W[:vocab_size], p.t(), hw, accumulate=start > 0)
+        # h of the valid rows, unweighted: 1/n is applied once below in acc_dtype, since in fp16 it would flush
+        # small products to zero before any loss scaling could save them.
+        hv = (h[start:end] * valid[start:end, None]).to(compute_dtype)  # (n, C)
+        _mm_into(grad_W[:vocab_size], p.t(), hv, accumulate=start > 0)
+    if with_grad:
+        grad_W[:vocab_size] /= n.clamp(min=1)
     loss = torch.where(n > 0, loss, torch.nan)  # every target ignored: NaN, as F.cross_entropy gives
     return loss, grad_h, grad_W.to(W.dtype)
 

@@ -333,7 +333,9 @@ class GPT(nn.Module):
         if targets is not None:
             vocab_logits = logits[..., : self.config.vocab_size]  # padding columns are no tokens: not in the softmax
             loss = F.cross_entropy(
-                vocab_logits.reshape(-1, vocab_logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+                vocab_logits.reshape(-1, vocab_logits.size(-1)).float(),
+                targets.reshape(-1).clamp(min=-1),  # every negative target is ignored, as in the fused loss
+                ignore_index=-1,
             )
         return logits, loss
 

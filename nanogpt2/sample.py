@@ -56,6 +56,8 @@ class KVCache:
         """
         T = k.shape[1]
         end = self.seen + T
+        if self.seen == 0 and self.k.dtype != k.dtype:  # the forward's dtype (FSDP's bf16), not the stored weights'
+            self.k, self.v = self.k.to(k.dtype), self.v.to(k.dtype)
         if end > self.capacity and self.capacity != self.max_capacity:
             self._grow(end)
         rolling = self.max_capacity is not None and end > self.capacity
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
+    if args.max_new_tokens < 0 or not args.temperature >= 0 or args.top_k < 0 or args.num_samples < 1:  # nan too
         print("error: --max-new-tokens, --temperature and --top-k must be >= 0, --num-samples >= 1", file=sys.stderr)
         return 2
     try:

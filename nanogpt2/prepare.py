@@ -116,14 +116,16 @@ def decode_text(raw: bytes, name: str | Path) -> str:
     """`raw` as UTF-8 text, strictly: DataError naming the file and the offset of the first byte that is not UTF-8,
     or of the first NUL (valid UTF-8, but what UTF-16 text has between ASCII characters)."""
     try:
-        text = raw.decode("utf-8")
+        text, invalid = raw.decode("utf-8"), len(raw)
     except UnicodeDecodeError as e:
-        bad, offset = "not UTF-8", e.start
-    else:
-        offset = raw.find(b"\0")
-        if offset < 0:
-            return text
+        text, invalid = None, e.start
+    offset = raw.find(b"\0", 0, invalid)
+    if offset >= 0:
         bad = "a NUL character"
+    elif text is not None:
+        return text
+    else:
+        bad, offset = "not UTF-8", invalid
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a byte-order mark
         source = "UTF-16"
     else:  # ASCII in UTF-16 without a mark: NUL after each character (little-endian) or before it

@@ -185,7 +185,7 @@ def train(argv: list[str] | None = None) -> int:
 
     # Set up: data first (its errors before anything is written), then the output directory, model and optimizer.
     train_loader, val_loader, note = build_loaders(cfg, model_cfg, env)
-    prepare_out_dir(cfg.out_dir, resuming=ckpt is not None, writer=env.is_main)  # rank 0 holds it for the run
+    prepare_out_dir(cfg.out_dir, resuming=ckpt is not None, writer=env.is_main)  # rank 0 locks it till it exits
     dtype = compute_dtype(cfg.dtype, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # tf32 for what autocast leaves in fp32

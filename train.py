@@ -38,8 +38,10 @@ from nanogpt2.parallel import (
     grad_sync,
     init_distributed,
     is_distributed,
+    launcher_gone,
     parallel_mode,
     parallelize,
+    peer_failed,
     print0,
     synchronize,
 )
@@ -177,13 +179,13 @@ def train(argv: list[str] | None = None) -> int:
     given = parse_flags(argv, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     ckpt = load_training_checkpoint(given["resume"]) if given.get("resume") is not None else None
     cfg = from_flags(given, ckpt["args"] if ckpt else None)
-    env = init_distributed(cfg.torch_device())
+    env = init_distributed(cfg.torch_device(), cfg.timeout())
     device = env.device
     model_cfg = cfg.finalize(device, env.world_size, env.distributed, ckpt["config"] if ckpt else None)
 
     # Set up: data first (its errors before anything is written), then the output directory, model and optimizer.
     train_loader, val_loader, note = build_loaders(cfg, model_cfg, env)
-    prepare_out_dir(cfg.out_dir, resuming=ckpt is not None)
+    prepare_out_dir(cfg.out_dir, resuming=ckpt is not None, writer=env.is_main)  # rank 0 locks it till it exits
     dtype = compute_dtype(cfg.dtype, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # tf32 for what autocast leaves in fp32
@@ -219,6 +221,9 @@ def train(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     try:
         while step < cfg.max_steps:
+            if launcher_gone(env):  # torchrun was killed (a fallback where PR_SET_PDEATHSIG is not available)
+                print(f"error: [rank {env.rank}] stopped: the torchrun launcher is gone", file=sys.stderr, flush=True)
+                os._exit(1)
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             loss_value, norm = train_step(model, optimizer, scaler, train_loader, lr, cfg, autocast)
@@ -284,7 +289,8 @@ def train(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run train(); a problem with the input ends in one line on stderr and exit status 1."""
+    """Run train(); a problem with the input ends in one line on stderr and exit status 1, under torchrun on the rank
+    that found it and, for its peers, whose collectives then fail, a line that says so."""
     try:
         status = train(argv)
     except (ConfigError, DataError, CheckpointError) as e:  # anything else is a bug and keeps its traceback
@@ -294,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(1)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # torch.distributed.DistError included
+        if not peer_failed(e):
+            raise
+        # A collective failed: a peer stopped (its own error line says why) or stopped answering for --dist-timeout.
+        line = f"error: [rank {torch.distributed.get_rank()}] stopped: another rank failed or timed out (see above)"
+        print(line, file=sys.stderr, flush=True)
+        os._exit(1)
     except KeyboardInterrupt:
         print("error: interrupted; checkpoints already written are intact", file=sys.stderr)
         return 130

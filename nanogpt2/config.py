@@ -163,6 +163,10 @@ class TrainConfig:
     # parallel training
     fsdp: bool = flag(PT, "shard parameters, gradients and optimizer state (FSDP2)", False, kind="how")
     activation_checkpointing: bool = flag(PT, "recompute each block's activations in the backward", False, kind="how")
+    dist_timeout: float = flag(
+        PT, "seconds a collective may wait for the other ranks before the run fails, e.g. when a rank is stuck "
+        "(default: 600)", 600.0, float, "how", metavar="SECONDS"
+    )  # fmt: skip
 
     @staticmethod
     def kind(name: str) -> str:
@@ -178,6 +182,12 @@ class TrainConfig:
             return parse_device(self.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def timeout(self) -> float:
+        """--dist-timeout, checked before the process group is joined with it."""
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise ConfigError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
+        return self.dist_timeout
 
     def finalize(self, device: torch.device, world_size: int, distributed: bool, saved_model: dict | None = None):
         """Fill what is unset from the device's defaults, check everything; returns the model's GPTConfig.

@@ -14,15 +14,22 @@ the model is (model.py) or what a checkpoint holds (checkpoint.py).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import functools
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+# How gloo and NCCL word a collective whose peer exited or stopped answering (raised as RuntimeError or DistError).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Timed out waiting")
 
 
 def is_distributed() -> bool:
@@ -62,6 +69,7 @@ class DistEnv:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    launcher: int | None = None  # the pid of torchrun's launcher, this process's parent
 
     @property
     def distributed(self) -> bool:
@@ -75,7 +83,8 @@ class DistEnv:
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistEnv:
     """Join the process group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE), or stay a single process.
 
-    On CUDA under torchrun each rank takes cuda:LOCAL_RANK.
+    On CUDA under torchrun each rank takes cuda:LOCAL_RANK. A collective that waits longer than `timeout_s` (a rank
+    stopped or stuck) fails. A rank dies with its launcher (`die_with_parent`).
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistEnv(device=device)
@@ -84,8 +93,24 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+    launcher = die_with_parent()  # before joining, which waits for every rank
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return DistEnv(rank, local_rank, world_size, device)
+    return DistEnv(rank, local_rank, world_size, device, launcher)
+
+
+def die_with_parent() -> int:
+    """Have the kernel kill this process when its parent (torchrun's launcher) dies, so no rank outlives it; returns
+    the parent's pid, for `launcher_gone`, the check where PR_SET_PDEATHSIG is not available (it is Linux's)."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    return parent
+
+
+def launcher_gone(env: DistEnv) -> bool:
+    """Whether this rank's launcher has died since start-up (the process was re-parented)."""
+    return env.launcher is not None and os.getppid() != env.launcher
 
 
 def parallel_mode(fsdp: bool, env: DistEnv) -> str:
@@ -144,10 +169,47 @@ def grad_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
+def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for t in tensors:
+        total += torch.linalg.vector_norm(t, dtype=torch.float64).square()
+    return total
+
+
+def grad_norm(grads: list[torch.Tensor]) -> float:
+    """The global L2 norm of `grads`, summed in float64, so it is the same number however the gradients are sharded.
+
+    FSDP's gradients are DTensors sharded over one mesh: each rank sums the squares of its own shards and the sums are
+    all-reduced over that mesh. Plain tensors (one process, DDP's already all-reduced gradients) are whole on every
+    rank. In fp32 the norm's rounding error depends on the sharding, enough to move clipped FSDP runs 5e-5 away from
+    one process in 10 steps.
+    """
+    if not grads:
+        return 0.0
+    sharded = [g for g in grads if hasattr(g, "to_local")]
+    total = _sum_of_squares([g for g in grads if not hasattr(g, "to_local")], grads[0].device)
+    if sharded:
+        shards = _sum_of_squares([g.to_local() for g in sharded], grads[0].device)
+        if is_distributed():
+            dist.all_reduce(shards, group=sharded[0].device_mesh.get_group())
+        total += shards
+    return total.sqrt().item()
+
+
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm to max_norm (0: no clipping) in any mode; returns the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor of the shards
+    """Clip the global gradient norm to max_norm (0: no clipping) in any mode; returns the norm before clipping.
+
+    As torch.nn.utils.clip_grad_norm_ does, gradients are scaled by max_norm / (norm + 1e-6) where that is below 1,
+    with the norm from `grad_norm`, which every mode and world size computes alike. A non-finite norm scales nothing:
+    the step is skipped (train.py, or fp16's GradScaler).
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = grad_norm(grads)
+    scale = max_norm / (norm + 1e-6) if max_norm else 1.0
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return norm
 
 
 def synchronize(device: torch.device) -> None:
@@ -172,6 +234,13 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def peer_failed(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed because another rank stopped (exited, or did not answer within the
+    process group's timeout), rather than a problem of this rank's own. Gloo reports a peer's exit as a plain
+    RuntimeError, hence the messages."""
+    return is_distributed() and (isinstance(err, dist.DistError) or any(m in str(err) for m in PEER_GONE))
 
 
 def print0(*args, **kwargs) -> None:

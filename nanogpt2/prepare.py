@@ -112,12 +112,37 @@ def text_files(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def decode_text(raw: bytes, name: str | Path) -> str:
+    """`raw` as UTF-8 text, strictly: DataError naming the file and the offset of the first byte that is not UTF-8,
+    or of the first NUL (valid UTF-8, but what UTF-16 text has between ASCII characters)."""
+    try:
+        text, invalid = raw.decode("utf-8"), len(raw)
+    except UnicodeDecodeError as e:
+        text, invalid = None, e.start
+    offset = raw.find(b"\0", 0, invalid)
+    if offset >= 0:
+        bad = "a NUL character"
+    elif text is not None:
+        return text
+    else:
+        bad, offset = "not UTF-8", invalid
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a byte-order mark
+        source = "UTF-16"
+    else:  # ASCII in UTF-16 without a mark: NUL after each character (little-endian) or before it
+        source = ("UTF-16LE" if offset % 2 else "UTF-16BE") if raw[offset] == 0 else "LATIN1"
+    raise DataError(
+        f"{name}: byte {offset} (0x{raw[offset]:02x}) is {bad}; text must be UTF-8: convert it, e.g. "
+        f"iconv -f {source} -t UTF-8 {name} > {name}.utf8"
+    )
+
+
 def _read_documents(files: list[Path]) -> Iterator[tuple[str, str]]:
     for path in files:
         try:
-            yield str(path), path.read_bytes().decode("utf-8", errors="replace")
+            raw = path.read_bytes()
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e.strerror})") from None
+        yield str(path), decode_text(raw, path)
 
 
 class Progress:

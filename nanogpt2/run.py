@@ -8,6 +8,7 @@ FLOPs for MFU, peak memory, and the run's headline numbers. Nothing here trains 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -27,6 +28,8 @@ from nanogpt2.files import write_atomic
 from nanogpt2.model import GPTConfig
 from nanogpt2.parallel import is_distributed, print0
 
+# What a run that failed before its first checkpoint leaves, removed when a fresh run takes its directory over.
+STALE_RECORDS = ("metrics.jsonl", "run.json", "summary.json")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, for MFU
 
 
@@ -71,23 +74,69 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def prepare_out_dir(out_dir: Path, resuming: bool) -> None:
-    """Create out_dir; a fresh run refuses a directory that already holds a run, so nothing is overwritten."""
-    if not resuming:
-        if (out_dir / TRAIN_CKPT).exists():
+def holder_pid(path: Path) -> int | None:
+    """The pid holding a flock on `path`, from Linux's /proc/locks (None where that is not known)."""
+    try:
+        inode = path.stat().st_ino
+        with open("/proc/locks") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 25080 fe:00:2301953 0 EOF"
+                parts = line.split()
+                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode):
+                    return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def lock_out_dir(out_dir: Path) -> int:
+    """Hold an exclusive flock on out_dir itself for the life of this process: one writer per run directory.
+
+    Locking the directory, not a file in it, leaves the directory as it was. The kernel drops the lock when the
+    process dies, however it dies. Returns the descriptor, which stays open; ConfigError when another process holds it.
+    """
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = holder_pid(out_dir)
+        holder = f"pid {pid}" if pid else "another process"
+        raise ConfigError(
+            f"{out_dir} is in use by a running run ({holder}): wait for it, stop it, or choose another --out-dir"
+        ) from None
+    return fd
+
+
+def prepare_out_dir(out_dir: Path, resuming: bool, writer: bool = True) -> int | None:
+    """Create out_dir and make this process its one writer; returns the lock's descriptor (None when not `writer`).
+
+    A fresh run refuses a directory that holds a checkpoint, so nothing is overwritten; one without a completed
+    checkpoint (a run that failed before its first) is taken over: its records are removed. Temp files of saves
+    killed midway are removed too. Only the `writer` (rank 0) locks and cleans: the other ranks check it is writable.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_out_dir(out_dir) if writer else None
+        if not resuming and (out_dir / TRAIN_CKPT).exists():
             raise ConfigError(
                 f"{out_dir} already holds a checkpoint: continue it with --resume {out_dir}, "
                 "or choose another --out-dir"
             )
-        if (out_dir / "metrics.jsonl").exists():
-            raise ConfigError(f"{out_dir} already holds a run (metrics.jsonl): choose another --out-dir")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}") from None
+    if writer:
+        stale = [p for p in out_dir.iterdir() if p.name in STALE_RECORDS or p.match("run-resume-*.json")]
+        if stale and not resuming:
+            print(f"note: {out_dir} holds the records of a run that left no checkpoint; replacing them", flush=True)
+            for path in stale:
+                path.unlink()
+        for path in out_dir.glob(".*.tmp-*"):  # write_atomic's temp files, left by processes killed mid-write
+            if path.is_file():
+                path.unlink(missing_ok=True)
+    return lock
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -107,6 +107,29 @@ def test_prepare_cli(tmp_path):
         assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(
+    "encoding, message",
+    [
+        ("utf-16", "t.txt: byte 0 (0xff) is not UTF-8; text must be UTF-8: convert it, e.g. iconv -f UTF-16 -t UTF-8 "
+         "t.txt > t.txt.utf8"),
+        ("utf-16-le", "t.txt: byte 1 (0x00) is a NUL character; text must be UTF-8: convert it, e.g. iconv "
+         "-f UTF-16LE "),
+        ("utf-16-be", "t.txt: byte 0 (0x00) is a NUL character; text must be UTF-8: convert it, e.g. iconv "
+         "-f UTF-16BE "),
+        ("latin-1", "t.txt: byte 3 (0xe9) is not UTF-8; text must be UTF-8: convert it, e.g. iconv -f LATIN1 -t UTF-8 "
+         "t.txt > t.txt.utf8"),
+        ("random", "t.txt: byte 1 (0x82) is not UTF-8"),
+    ],
+)  # fmt: skip
+def test_text_that_is_not_utf8_is_refused(tmp_path, encoding, message):
+    """UTF-16 (NUL bytes are valid UTF-8, but no text has them), latin-1 and random bytes: one line with the offset."""
+    text = "Café au lait, s'il vous plaît. " * 50
+    raw = np.random.default_rng(0).bytes(1000) if encoding == "random" else text.encode(encoding)
+    (tmp_path / "t.txt").write_bytes(raw)
+    assert_bad_input(run_cli("-m", "nanogpt2.prepare", "t.txt", "--out", "x", cwd=tmp_path), message)
+    assert not (tmp_path / "x").exists()
+
+
 def test_text_files_are_tokenized_into_the_cache(tmp_path):
     (tmp_path / "story.txt").write_text("Once upon a time. " * 300)
     corpus = open_corpus(str(tmp_path / "story.txt"), root=tmp_path / "cache")

@@ -156,6 +156,8 @@ def bad_shard(tmp: Path, kind: str) -> str:
         (lambda t: ["--data", "synthetic", "--out-dir", str(t / "file" / "out")], "cannot write to --out-dir"),
         (lambda t: ["--resume", str(t / "nowhere")], "is not a directory"),
         (lambda t: ["--resume", str(t)], "holds no checkpoint (ckpt.pt)"),
+        (lambda t: ["--data", str(t / "latin1.txt")], "latin1.txt: byte 3 (0xe9) is not UTF-8"),
+        (lambda t: ["--data", "synthetic", "--dist-timeout", "0"], "--dist-timeout must be a positive number"),
     ],
 )
 def test_bad_input(tmp_path, make_args, message):
@@ -163,6 +165,7 @@ def test_bad_input(tmp_path, make_args, message):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "empties").mkdir()
     (tmp_path / "empties" / "a.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("Café au lait".encode("latin-1"))
     done = run(tmp_path, *TINY, "--max-steps", "2", *make_args(tmp_path))
     assert_bad_input(done, message)
     if "token id" not in message:  # found in the first batches only, after the run began
@@ -197,6 +200,61 @@ def test_fresh_run_never_overwrites_a_checkpoint(tmp_path, trained):
     assert done.returncode == 1 and f"continue it with --resume {Path('out')}" in done.stderr
     assert (out / "ckpt.pt").read_bytes() == (trained / "ckpt.pt").read_bytes()
     assert metrics(out) == metrics(trained)
+
+
+# A process that holds a run directory as a running run does.
+HOLD = "import sys, time; from pathlib import Path; from nanogpt2.run import lock_out_dir; "
+HOLD += "lock_out_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)"
+
+
+@pytest.mark.parametrize("resume", [True, False], ids=["resume", "fresh"])
+def test_a_second_writer_is_refused_and_changes_nothing(tmp_path, trained, resume):
+    out = copy_run(trained, tmp_path)
+    (out / ".ckpt.pt.tmp-99999").write_bytes(b"a killed save's")  # the running run's to clean, not the refused one's
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=env_for(tmp_path), stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = snapshot(out)
+        done = run(tmp_path, *(["--resume", "out"] if resume else [*TINY, "--data", "synthetic", "--max-steps", "2"]))
+        assert_bad_input(done, f"out is in use by a running run (pid {holder.pid})", unchanged={out: before})
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun(tmp_path):
+    """It left metrics.jsonl and run.json but no checkpoint: the same command, once the data is fixed, runs."""
+    data = tmp_path / "shards"
+    data.mkdir()
+    tokens = np.arange(5000) % 1000
+    llmc_shard(data / "val_000000.bin", tokens[:1000])
+    tokens[300] = 50257  # read in step 3: each step reads 4 x 32 + 1 tokens, in order
+    llmc_shard(data / "train_000000.bin", tokens)
+    args = [*TINY, "--data", str(data), "--data-order", "sequential", "--max-steps", "4"]
+    assert_bad_input(run(tmp_path, *args), "token id 50257 >= vocab size 50257")
+    out = tmp_path / "out"
+    assert [row["step"] for row in metrics(out)] == [1, 2] and not (out / "ckpt.pt").exists()
+    tokens[300] = 7
+    llmc_shard(data / "train_000000.bin", tokens)
+    rerun = run(tmp_path, *args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "holds the records of a run that left no checkpoint; replacing them" in rerun.stdout
+    assert [row["step"] for row in metrics(out)] == [1, 2, 3, 4]
+    assert json.loads((out / "run.json").read_text())["args"]["max_steps"] == 4
+
+
+@pytest.mark.parametrize("resume", [True, False], ids=["resume", "fresh"])
+def test_temp_files_of_killed_saves_are_removed(tmp_path, trained, resume):
+    out = copy_run(trained, tmp_path) if resume else tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    stale = [out / ".ckpt.pt.tmp-99999", out / ".metrics.jsonl.tmp-12345", out / ".run.json.tmp-4242"]
+    for path in stale:
+        path.write_bytes(b"left by a process killed mid-write")
+    done = run(tmp_path, *(["--resume", "out", "--max-steps", "31"] if resume else [*TINY, "--data", "synthetic",
+                                                                                    "--max-steps", "1"]))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not any(path.exists() for path in stale)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):

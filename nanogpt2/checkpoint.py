@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from nanogpt2.files import write_atomic
-from nanogpt2.hf import CheckpointError, load_hf_gpt2, save_hf_gpt2
+from nanogpt2.hf import CheckpointError, check_hf_expressible, load_hf_gpt2, save_hf_gpt2
 from nanogpt2.model import GPT, GPTConfig
 from nanogpt2.parallel import barrier
 
@@ -232,7 +232,11 @@ def export_main(argv: list[str] | None = None) -> int:
         for target in (args.out, args.hf):
             if target and Path(target).exists():
                 raise CheckpointError(f"{target} exists; not overwriting it")
+        if not (args.out or args.hf):
+            raise CheckpointError("nothing to do: give --out FILE, --hf DIR or both")
         model = load_model(args.run)
+        if args.hf:
+            check_hf_expressible(model.config)  # before anything is written
         if args.out:
             exported = {"model": model.state_dict(), "config": model.config.to_dict()}
             write_atomic(args.out, lambda f: torch.save(exported, f))

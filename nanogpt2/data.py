@@ -213,8 +213,10 @@ class BatchLoader:
     the same windows however it is split into micro-batches. The order of the sequence:
     - "shuffled" (training's default): each epoch visits every window once, in an order drawn from `seed` and the
       epoch (ShuffledWindows); reads stay memory-mapped.
-    - "sequential": consecutive windows of the stream, each overlapping the next by one token, as in llm.c; at the
-      end of the stream the loader starts over (evaluation reads val this way).
+    - "sequential": consecutive windows of the stream, each overlapping the next by one token, as in llm.c; a
+      micro-batch that would run past the end of the stream starts over at its beginning (the next epoch), so at an
+      epoch's end, and only there, which windows a step reads depends on its micro-batch size (evaluation reads val
+      this way, from the start every time).
     `state_dict()` is a few integers, so a resumed run reads exactly the batch it would have read next.
     """
 

@@ -158,14 +158,8 @@ def load_hf_gpt2(name_or_path: str | Path, attn: str = "torch", **overrides) -> 
     return model
 
 
-def save_hf_gpt2(model: GPT, path: str | Path) -> None:
-    """Write `model` as a HF GPT-2 directory (config.json + model.safetensors); only plain GPT-2s can be.
-
-    transformers.GPT2LMHeadModel.from_pretrained loads the directory. Each file is written atomically.
-    """
-    from safetensors.torch import save
-
-    cfg = model.config
+def check_hf_expressible(cfg: GPTConfig) -> None:
+    """CheckpointError unless Hugging Face's GPT2LMHeadModel can hold this config (a plain GPT-2)."""
     unsupported = {
         "pos_emb": cfg.pos_emb != "learned",
         "n_kv_head": cfg.n_kv_head != cfg.n_head,
@@ -176,6 +170,17 @@ def save_hf_gpt2(model: GPT, path: str | Path) -> None:
         raise CheckpointError(
             f"Hugging Face's GPT-2 cannot express {', '.join(bad)}; save a nanogpt2 checkpoint instead"
         )
+
+
+def save_hf_gpt2(model: GPT, path: str | Path) -> None:
+    """Write `model` as a HF GPT-2 directory (config.json + model.safetensors); only plain GPT-2s can be.
+
+    transformers.GPT2LMHeadModel.from_pretrained loads the directory. Each file is written atomically.
+    """
+    from safetensors.torch import save
+
+    check_hf_expressible(model.config)
+    cfg = model.config
     state = {}
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight":

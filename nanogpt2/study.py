@@ -61,6 +61,7 @@ def train_command(budget: dict, variant: str, seed: int, out_dir: Path) -> list[
     for flag in ("seq_len", "batch_size", "max_steps", "eval_every", "eval_batches", "lr", "warmup_steps", "device"):
         cmd += [f"--{flag.replace('_', '-')}", str(budget[flag])]
     cmd += ["--min-lr", str(budget["lr"] / 10), "--sample-every", "0", "--seed", str(seed), "--out-dir", str(out_dir)]
+    cmd += ["--data-order", "shuffled"]  # named, so runs made before shuffling existed are not taken as these
     cmd += ["--block-size", str(budget["seq_len"]), "--pos-emb", v.get("pos_emb", "learned")]
     if v.get("gqa"):
         cmd += ["--n-kv-head", str(budget["kv_heads"])]

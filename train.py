@@ -1,6 +1,6 @@
 """Train a GPT.
 
-    python train.py                                  # CPU: the nano preset on Shakespeare, ~4 minutes on 2 cores
+    python train.py                                  # CPU: the nano preset on Shakespeare, ~2 minutes on 2 cores
                                                      # CUDA: GPT-2 124M on Shakespeare
     python train.py --preset pico --data synthetic --max-steps 50
     python train.py --resume out                     # continue the run in out/ exactly where it stopped

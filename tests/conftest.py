@@ -23,6 +23,11 @@ def nan_outputs(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
+    yield
+    monkeypatch.undo()
+    # `with torch.device(...)` caches the set of factory functions it redirects on first use; a set cached while
+    # torch.empty was the stand-in above would leave every later model built "on meta" allocated on the CPU.
+    torch.utils._device._device_constructors.cache_clear()
 
 
 # Whole files of multi-process (torchrun) and study runs: `pytest -m "not slow"` leaves them out of the inner loop.

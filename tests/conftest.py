@@ -30,8 +30,9 @@ def nan_outputs(monkeypatch):
     torch.utils._device._device_constructors.cache_clear()
 
 
-# Whole files of multi-process (torchrun) and study runs: `pytest -m "not slow"` leaves them out of the inner loop.
-SLOW_FILES = {"test_distributed.py", "test_study.py"}
+# Whole files of multi-process (torchrun), study, README-command and ahead-of-time compile runs, beside the slowest
+# single tests marked where they stand: `pytest -m "not slow"` leaves them out of the inner loop (CI runs them all).
+SLOW_FILES = {"test_distributed.py", "test_study.py", "test_docs_commands.py", "test_sass.py"}
 
 
 def pytest_collection_modifyitems(items):

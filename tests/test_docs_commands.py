@@ -104,10 +104,7 @@ def finished_run(tmp_path_factory, data_cache) -> Path:
     return cwd / "out"
 
 
-@pytest.mark.parametrize(
-    "command",
-    [pytest.param(c, marks=[pytest.mark.slow] if c.startswith("torchrun") else []) for c in runnable(DOC_COMMANDS)],
-)
+@pytest.mark.parametrize("command", runnable(DOC_COMMANDS))
 def test_documented_command_runs(command, tmp_path, data_cache, request):
     argv = argv_for(command)
     if re.search(r"--(resume|ckpt) out\b", command):

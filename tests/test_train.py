@@ -77,6 +77,7 @@ def test_loss_falls_and_run_is_recorded(trained):
     assert ckpt["step"] == 30 and ckpt["loader"]["order"] == "shuffled" and ckpt["loader"]["window"] == 30 * 4
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise(tmp_path, shards):
     common = [*TINY, "--data", str(shards), "--dropout", "0.1", "--grad-accum", "2", "--eval-every", "3"]
     straight = run(tmp_path, *common, "--max-steps", "8", "--out-dir", "straight")
@@ -102,6 +103,7 @@ def test_resume_is_bitwise(tmp_path, shards):
     ]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
     cmd = train_cmd(*TINY, "--data", "synthetic", "--max-steps", "100000", "--save-every", "0", "--eval-every", "0")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -223,6 +225,7 @@ def test_a_second_writer_is_refused_and_changes_nothing(tmp_path, trained, resum
         holder.wait()
 
 
+@pytest.mark.slow
 def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun(tmp_path):
     """It left metrics.jsonl and run.json but no checkpoint: the same command, once the data is fixed, runs."""
     data = tmp_path / "shards"
@@ -395,6 +398,7 @@ def test_export_writes_a_hf_directory(tmp_path, trained):
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.slow
 def test_kill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     """SIGKILL while checkpoints are written every step (a save takes about as long as a step): never a torn file."""
     cmd = train_cmd(*TINY, "--data", "synthetic", "--max-steps", "100000", "--save-every", "1", "--eval-every", "0")
@@ -413,6 +417,7 @@ def test_kill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_from_before_shuffling_resumes_in_its_own_order(tmp_path, trained, shards):
     """A checkpoint saved before --data-order existed read its data in order: it resumes that way, bitwise."""
     straight = run(tmp_path, *TINY, "--data", str(shards), "--max-steps", "6", "--data-order", "sequential",

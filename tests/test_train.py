@@ -392,6 +392,17 @@ def test_export_refuses_to_overwrite(tmp_path, trained, flag):
     assert_bad_input(done, "exists; not overwriting it", unchanged={tmp_path / "taken": before})
 
 
+def test_export_checks_the_hf_target_before_writing_anything(tmp_path):
+    done = run(tmp_path, *TINY, "--data", "synthetic", "--pos-emb", "rope", "--max-steps", "1")
+    assert done.returncode == 0, done.stderr
+    export = run_cli("-m", "nanogpt2.checkpoint", str(tmp_path / "out"), "--out", str(tmp_path / "m.pt"),
+                     "--hf", str(tmp_path / "hf"))  # fmt: skip
+    assert_bad_input(export, "Hugging Face's GPT-2 cannot express pos_emb='rope'")
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "hf").exists()
+    nothing = run_cli("-m", "nanogpt2.checkpoint", str(tmp_path / "out"))
+    assert_bad_input(nothing, "nothing to do: give --out FILE, --hf DIR or both")
+
+
 def test_export_writes_a_hf_directory(tmp_path, trained):
     done = run_cli("-m", "nanogpt2.checkpoint", str(trained), "--hf", str(tmp_path / "hf"))
     assert done.returncode == 0, done.stderr

@@ -137,14 +137,12 @@ def attend(
     cache (`cached`), k/v are the keys and values a KV cache returned and `cache_mask` (T, S) says which keys each
     query sees; None means every query sees every key (one new token over a cache), the fast unmasked path.
     """
-    mask = cache_mask
-    if cached:
-        pass
-    elif impl == "triton" and dropout_p == 0.0:
+    if not cached and impl == "triton" and dropout_p == 0.0:
         from kernels import flash_attention
 
         return flash_attention(q, k, v, causal=True, window=window)
-    elif window is not None and window < q.shape[1]:
+    mask = cache_mask
+    if not cached and window is not None and window < q.shape[1]:
         i = torch.arange(q.shape[1], device=q.device)
         mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # (T, T) band
     gqa = {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}

@@ -1,0 +1,63 @@
+"""Multi-query associative recall (MQAR, as in the Zoology work): the task that compares attention mechanisms.
+
+A sequence opens with `pairs` key-value pairs (k1 v1 k2 v2 ...), then asks for each key once, at a random place in the
+rest of the sequence, filler tokens between: the model sees the key and must emit its value. Only the answers are
+scored (every other target is -1, which the loss ignores). The distance of a query is the number of positions from
+the pair's key to the query's key: a model with a window of W keys can only look it up directly while the distance
+is below W (the value sits one position after its key).
+
+Token ids: 0 is the filler, keys are 1..127, values 128..255, so RECALL_VOCAB = 256 fits any model.
+Every sequence is drawn from (seed, split, index) alone, so a batch is the same at any world size or split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+RECALL_VOCAB = 256
+RECALL_PAIRS = 16
+FILLER = 0
+KEYS = range(1, 128)
+VALUES = range(128, 256)
+
+
+def recall_sequence(length: int, rng: np.random.Generator, pairs: int = RECALL_PAIRS) -> tuple[np.ndarray, ...]:
+    """One sequence of length + 1 tokens (x is [:-1], y [1:]), its targets (length,), and the distances (length,).
+
+    targets[p] is the value the model must emit after reading the query key at p, -1 elsewhere; distances[p] is p
+    minus the position of that key's pair, -1 elsewhere. Queries sit at even offsets after the pairs, never
+    overlapping, each key asked once, so length must leave room for `pairs` queries after the 2 * pairs pair tokens.
+    """
+    slots = (length - 2 * pairs) // 2  # query slots: (key, value) at 2 * pairs + 2s, 2 * pairs + 2s + 1
+    if pairs < 1 or slots < pairs:
+        raise ValueError(f"a recall sequence of {length} tokens has no room for {pairs} pairs and their queries")
+    keys = rng.choice(np.asarray(KEYS), size=pairs, replace=False)  # (pairs,) distinct
+    values = rng.choice(np.asarray(VALUES), size=pairs)  # (pairs,)
+    tokens = np.full(length + 1, FILLER, dtype=np.int64)
+    tokens[0 : 2 * pairs : 2], tokens[1 : 2 * pairs : 2] = keys, values
+    targets = np.full(length, -1, dtype=np.int64)
+    distances = np.full(length, -1, dtype=np.int64)
+    where = 2 * pairs + 2 * np.sort(rng.choice(slots, size=pairs, replace=False))  # (pairs,) query key positions
+    asked = rng.permutation(pairs)  # which pair each query asks for
+    tokens[where], tokens[where + 1] = keys[asked], values[asked]
+    targets[where] = values[asked]
+    distances[where] = where - 2 * asked
+    return tokens, targets, distances
+
+
+def recall_batch(
+    first: int, rows: int, length: int, seed: int, split: int, pairs: int = RECALL_PAIRS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequences first .. first + rows - 1 of a split (0 train, 1 val): x, y and distances, each (rows, length).
+
+    y is -1 except at answers; distances as in recall_sequence. Sequence i is drawn from (seed, split, i) alone.
+    """
+    x = np.empty((rows, length), dtype=np.int64)
+    y = np.empty((rows, length), dtype=np.int64)
+    d = np.empty((rows, length), dtype=np.int64)
+    for r in range(rows):
+        rng = np.random.default_rng([seed, split, first + r])
+        tokens, y[r], d[r] = recall_sequence(length, rng, pairs)
+        x[r] = tokens[:-1]
+    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(d)

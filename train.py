@@ -3,6 +3,7 @@
     python train.py                                  # CPU: the nano preset on Shakespeare, ~2 minutes on 2 cores
                                                      # CUDA: GPT-2 124M on Shakespeare
     python train.py --preset pico --data synthetic --max-steps 50
+    python train.py --data recall --preset micro --seq-len 128   # associative recall (nanogpt2/recall.py)
     python train.py --resume out                     # continue the run in out/ exactly where it stopped
 
 The script reads top to bottom: parse the config (nanogpt2/config.py), set up the device and process group, the data
@@ -46,18 +47,26 @@ from nanogpt2.parallel import (
     synchronize,
 )
 from nanogpt2.prepare import open_corpus
+from nanogpt2.recall import RECALL_DATA, RecallLoader
 from nanogpt2.run import log_memory, open_metrics, peak_flops, prepare_out_dir, run_record, run_summary, write_json
 from nanogpt2.sample import generate
 from nanogpt2.tokenizer import EOT, decode
 
 SAMPLE_TOKENS = 64
+Loader = BatchLoader | RecallLoader
 
 
-def build_loaders(cfg: TrainConfig, model: GPTConfig, env: DistEnv) -> tuple[BatchLoader, BatchLoader, str]:
-    """Train (in --data-order) and val (in order) loaders for this rank: each reads its share of every micro-batch."""
-    corpus = open_corpus(cfg.data, vocab_size=model.vocab_size, seed=cfg.seed)
+def build_loaders(cfg: TrainConfig, model: GPTConfig, env: DistEnv) -> tuple[Loader, Loader, str]:
+    """Train (in --data-order) and val (in order) loaders for this rank: each reads its share of every micro-batch.
+
+    --data recall draws its train and val sequences from the seed instead of reading a corpus.
+    """
     rows = cfg.batch_size // cfg.grad_accum  # global rows per micro-batch
-    common = dict(rows=rows, seq_len=cfg.seq_len, rank=env.rank, world_size=env.world_size, vocab_size=model.vocab_size)
+    common = dict(rows=rows, seq_len=cfg.seq_len, rank=env.rank, world_size=env.world_size)
+    if cfg.data == RECALL_DATA:
+        return RecallLoader(seed=cfg.seed, split=0, **common), RecallLoader(seed=cfg.seed, split=1, **common), ""
+    corpus = open_corpus(cfg.data, vocab_size=model.vocab_size, seed=cfg.seed)
+    common["vocab_size"] = model.vocab_size
     train = BatchLoader(corpus.train, order=cfg.data_order, seed=cfg.seed, **common)
     windows = train.windows_per_epoch
     if windows is not None and windows < cfg.batch_size:
@@ -86,7 +95,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, n_batches: int, autocast) -> float:
+def evaluate(model: torch.nn.Module, loader: Loader, n_batches: int, autocast) -> float:
     """Mean loss over the first n_batches val micro-batches (the same ones every time)."""
     model.eval()
     loader.reset()
@@ -141,7 +150,7 @@ def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    loader: BatchLoader,
+    loader: Loader,
     lr: float,
     cfg: TrainConfig,
     autocast,
@@ -208,6 +217,7 @@ def train(argv: list[str] | None = None) -> int:
     tokens_per_step = cfg.batch_size * cfg.seq_len
     flops_per_step = raw_model.flops_per_token(cfg.seq_len) * tokens_per_step
     peak = peak_flops(device)
+    samples = cfg.samples_text(model_cfg)  # GPT-2 text the tokenizer can decode
     metrics = open_metrics(cfg.out_dir, step) if env.is_main else None
 
     def save(step: int) -> None:
@@ -261,7 +271,7 @@ def train(argv: list[str] | None = None) -> int:
             stopping = any_rank(stop.requested, device)  # a Ctrl-C that reached some ranks stops them all
             if (cfg.save_every and step % cfg.save_every == 0) or last_step or stopping:
                 save(step)
-            if cfg.sample_every and step % cfg.sample_every == 0 and not last_step:
+            if cfg.sample_every and step % cfg.sample_every == 0 and not last_step and samples:
                 print0(f"sample:\n{sample_text(raw_model, cfg.seed, device)}")  # every rank: FSDP's forward
             if stopping:
                 print0(f"interrupted: checkpoint at step {step} in {cfg.out_dir}; continue with --resume {cfg.out_dir}")
@@ -273,7 +283,8 @@ def train(argv: list[str] | None = None) -> int:
 
     # Finish: a sample, the summary, and one line that says what was done.
     wall = time.perf_counter() - t_start
-    print0(f"sample:\n{sample_text(raw_model, cfg.seed, device)}")
+    if samples:
+        print0(f"sample:\n{sample_text(raw_model, cfg.seed, device)}")
     if env.is_main and step_times:
         summary = run_summary(step, step_times, tokens_per_step, wall, last_loss, val_loss, device)
         write_json(cfg.out_dir / "summary.json", summary)

@@ -26,6 +26,8 @@ import torch
 from nanogpt2.data import DATA_ORDERS
 from nanogpt2.model import POS_EMBS, PRESETS, GPTConfig, check_attn
 from nanogpt2.parallel import parse_device
+from nanogpt2.recall import RECALL_DATA, RECALL_VOCAB
+from nanogpt2.tokenizer import VOCAB_SIZE
 
 # Defaults that depend on the device: a run of a few minutes on a 2-core CPU, GPT-2 124M on a GPU.
 DEVICE_DEFAULTS = {
@@ -35,7 +37,8 @@ DEVICE_DEFAULTS = {
                  eval_batches=20, micro_batch=16, attn="triton"),
 }  # fmt: skip
 CPU, GPU = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
-MODEL_FIELDS = ("block_size", "pos_emb", "n_kv_head", "window", "dropout")  # flags that override the preset's config
+# Flags that override the preset's config.
+MODEL_FIELDS = ("vocab_size", "block_size", "pos_emb", "n_kv_head", "window", "dropout")
 GROUPS = {
     "model and data": None,
     "batch and schedule": None,
@@ -72,7 +75,8 @@ class TrainConfig:
     data: str = flag(
         MD,
         "corpus name (shakespeare), directory or glob of .bin shards, text file(s) or directory of text (tokenized "
-        "into the data cache), or 'synthetic' (default: shakespeare)",
+        f"into the data cache), 'synthetic', or '{RECALL_DATA}' (multi-query associative recall, drawn from the "
+        "seed; see nanogpt2/recall.py) (default: shakespeare)",
         "shakespeare",
         str,
         "run",
@@ -81,6 +85,10 @@ class TrainConfig:
         MD, "order of the training windows: shuffled (each epoch visits every window once, in an order drawn from "
         "the seed and the epoch) or sequential (the token stream front to back); val is read in order (default: "
         "shuffled)", "shuffled", str, "run", choices=list(DATA_ORDERS)
+    )  # fmt: skip
+    vocab_size: int | None = flag(
+        MD, "token ids the model embeds and predicts, at least the corpus's (default: the corpus's: "
+        f"{RECALL_VOCAB} for {RECALL_DATA}, GPT-2's {VOCAB_SIZE:,} otherwise)", type=int, kind="run"
     )  # fmt: skip
     dropout: float | None = flag(MD, "dropout probability (default: the preset's, 0.0)", type=float, kind="run")
     block_size: int | None = flag(MD, "training context of the model (default: the preset's)", type=int, kind="run")
@@ -134,8 +142,8 @@ class TrainConfig:
     beta2: float = flag(BS, "AdamW beta2 (default: 0.95)", 0.95, float, "run")
     grad_clip: float = flag(BS, "clip the global grad norm; 0: off (default: 1.0)", 1.0, float, "run")
     seed: int = flag(
-        BS, "seed of the weights, dropout, the shuffled data order and synthetic data, in [0, 2**63) (default: 1337)",
-        1337, int, "run"
+        BS, "seed of the weights, dropout, the shuffled data order and synthetic and recall data, in [0, 2**63) "
+        "(default: 1337)", 1337, int, "run"
     )  # fmt: skip
     # evaluation, output and resuming
     eval_every: int | None = flag(EV, f"val loss every N steps and at the end; 0: at the end only {dflt('eval_every')}",
@@ -221,6 +229,8 @@ class TrainConfig:
             if saved is not None:
                 return GPTConfig(**{k: v for k, v in saved.items() if k != "attn"})  # older runs saved attn here
             overrides = {key: getattr(self, key) for key in MODEL_FIELDS if getattr(self, key) is not None}
+            if self.data == RECALL_DATA:
+                overrides.setdefault("vocab_size", RECALL_VOCAB)
             return GPTConfig.from_preset(self.preset, **overrides)
         except (ValueError, TypeError) as e:  # TypeError: a saved config with fields this GPTConfig does not have
             raise ConfigError(f"model config: {e}") from None
@@ -243,6 +253,11 @@ class TrainConfig:
                 raise ConfigError(f"{flag_name(key)} must not be negative, got {getattr(self, key)}")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}")
+        needed = corpus_vocab(self.data)
+        if needed is not None and model.vocab_size < needed:
+            raise ConfigError(
+                f"--vocab-size {model.vocab_size} is smaller than --data {self.data}'s {needed:,} token ids"
+            )
         if model.pos_emb == "learned" and self.seq_len > model.block_size:
             raise ConfigError(
                 f"--seq-len {self.seq_len} exceeds block_size {model.block_size} of preset {self.preset} "
@@ -266,17 +281,32 @@ class TrainConfig:
                 f"{world_size} micro-batches of whole sequences"
             )
 
+    def samples_text(self, model: GPTConfig) -> bool:
+        """Whether the model's samples are GPT-2 text that the tokenizer can decode."""
+        return self.data != RECALL_DATA and model.vocab_size == VOCAB_SIZE
+
     def notes(self, model: GPTConfig) -> list[str]:
         """What the user should know about how this config runs."""
+        notes = []
         if self.attn == "triton" and model.dropout > 0:
-            return [f"--attn triton with dropout {model.dropout}: training attention runs through SDPA (the Triton "
-                    "attention kernel has no dropout); RoPE and evaluation use the kernels"]  # fmt: skip
-        return []
+            notes.append(f"--attn triton with dropout {model.dropout}: training attention runs through SDPA (the "
+                         "Triton attention kernel has no dropout); RoPE and evaluation use the kernels")  # fmt: skip
+        if not self.samples_text(model):
+            why = f"--data {RECALL_DATA}" if self.data == RECALL_DATA else f"a {model.vocab_size:,}-token vocabulary"
+            notes.append(f"no text samples: {why} is not GPT-2 text")
+        return notes
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 # What a run saved before a flag existed did, where that differs from the flag's default.
 BEFORE_THE_FLAG = {"data_order": "sequential"}
+
+
+def corpus_vocab(data: str) -> int | None:
+    """The vocabulary a --data value needs: recall's, GPT-2's for text, None for synthetic (drawn below the model's)."""
+    if data == RECALL_DATA:
+        return RECALL_VOCAB
+    return None if data == "synthetic" else VOCAB_SIZE
 
 
 def flag_name(key: str) -> str:

@@ -328,12 +328,16 @@ class BatchLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("order", "sequential")  # checkpoints from before shuffling read in order
+        if saved not in DATA_ORDERS:  # another kind of loader's state (--data recall)
+            raise DataError(
+                f"the checkpoint's loader read --data {saved}, not {self.stream.name}: resume with the same --data"
+            )
         if state["n_tokens"] != self.stream.n_tokens:
             raise DataError(
                 f"the checkpoint's loader read a stream of {state['n_tokens']} tokens, {self.stream.name} has "
                 f"{self.stream.n_tokens}: resume with the same --data"
             )
-        saved = state.get("order", "sequential")  # checkpoints from before shuffling read in order
         if saved != self.order:
             raise DataError(
                 f"the checkpoint read its training data in {saved} order, this run asks for {self.order}: "

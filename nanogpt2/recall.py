@@ -8,6 +8,7 @@ is below W (the value sits one position after its key).
 
 Token ids: 0 is the filler, keys are 1..127, values 128..255, so RECALL_VOCAB = 256 fits any model.
 Every sequence is drawn from (seed, split, index) alone, so a batch is the same at any world size or split.
+`RecallLoader` serves them to train.py (`--data recall`) as BatchLoader serves a text corpus.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nanogpt2.data import DataError
+
+RECALL_DATA = "recall"  # the --data value
 RECALL_VOCAB = 256
 RECALL_PAIRS = 16
 FILLER = 0
@@ -61,3 +65,57 @@ def recall_batch(
         tokens, y[r], d[r] = recall_sequence(length, rng, pairs)
         x[r] = tokens[:-1]
     return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(d)
+
+
+class RecallLoader:
+    """(x, y) micro-batches of recall sequences, int64 (rows // world_size, seq_len), with BatchLoader's interface.
+
+    Global micro-batch b holds sequences b * rows .. (b + 1) * rows - 1 of the split (0 train, 1 val), rank r rows
+    [r * rows / world_size, (r + 1) * rows / world_size), so a step reads the same sequences at any world size or
+    grad-accum split. The sequences never run out (no epochs); `state_dict()` is the next sequence's index and the seed.
+    """
+
+    windows_per_epoch = None  # endless
+    batches_per_epoch = None
+
+    def __init__(self, rows: int, seq_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, split: int = 0):
+        if rows < 1 or seq_len < 1:
+            raise DataError(f"batch rows ({rows}) and seq_len ({seq_len}) must be positive")
+        if rows % world_size != 0:
+            raise DataError(f"{rows} rows per micro-batch do not split evenly across {world_size} ranks")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}")
+        if seq_len < 4 * RECALL_PAIRS:  # the pairs, then room for a (key, value) query per pair
+            raise DataError(
+                f"--data {RECALL_DATA} needs --seq-len of at least {4 * RECALL_PAIRS} ({RECALL_PAIRS} key-value pairs "
+                f"and their queries), got {seq_len}"
+            )
+        self.rows, self.seq_len, self.rank, self.world_size = rows, seq_len, rank, world_size
+        self.seed, self.split = seed, split
+        self.local_rows = rows // world_size
+        self.index = 0  # the next global micro-batch's first sequence
+
+    def reset(self) -> None:
+        """Back to the first sequence (evaluation reads the same val batches every time)."""
+        self.index = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (x, y) of the next global micro-batch."""
+        first = self.index + self.rank * self.local_rows
+        x, y, _ = recall_batch(first, self.local_rows, self.seq_len, self.seed, self.split)
+        self.index += self.rows
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"order": RECALL_DATA, "index": self.index, "seed": self.seed, "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("order") != RECALL_DATA:
+            raise DataError(
+                f"the checkpoint's loader read a text corpus, not --data {RECALL_DATA}: resume with the same --data"
+            )
+        if state["seed"] != self.seed:
+            raise DataError(
+                f"the checkpoint drew its recall sequences with seed {state['seed']}, this run has {self.seed}"
+            )
+        self.index = state["index"]

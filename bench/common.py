@@ -1,9 +1,13 @@
-"""What the GPU-run scripts share: their common flags and the choice between a CUDA device and the dry run."""
+"""What the GPU-run scripts share: their common flags, the choice between a CUDA device and the dry run, the JSON they
+write and the environment they record."""
 
 import argparse
 import json
 import os
+import platform
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,3 +41,22 @@ def write_json(path: Path, data: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     tmp.replace(path)
+
+
+def environment(dry_run: bool) -> dict:
+    """The machine, the versions and the commit, recorded with every result."""
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {
+        "device": "cpu (dry run)" if dry_run else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }

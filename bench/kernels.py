@@ -15,8 +15,6 @@ baseline ms / Triton ms (the fastest candidate): above 1, Triton is faster.
 """
 
 import functools
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -283,24 +281,6 @@ def format_row(row: dict) -> str:
     return " | ".join(parts)
 
 
-def environment(bench: Bench) -> dict:
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    return {
-        "device": "cpu (dry run)" if bench.dry_run else torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    }
-
-
 def dry_run_cases() -> tuple[dict, dict]:
     """Tiny stand-ins for every case (same names, windows scaled down), for the interpreter."""
     attention = {name: (1, 96, 2, 2 if Hkv == H else 1, D, window and window // 64)
@@ -319,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(args.dry_run)
     deadline = time.monotonic() + args.deadline
     attention_cases, rope_cases = dry_run_cases() if args.dry_run else (ATTENTION_CASES, ROPE_CASES)
-    env = environment(bench)
+    env = common.environment(args.dry_run)
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     copy_gbs = copy_bandwidth_gbs(bench)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s", flush=True)

@@ -3,9 +3,9 @@
     python -m bench.summary RESULTS_DIR
 
 Reads what bench/gpu_check.sh leaves in RESULTS_DIR (configs.json from bench.configs, bench_kernels.json from
-bench.kernels, train-*.metrics.jsonl from train.py) and writes RESULTS_DIR/summary.md (ready to paste into
-BENCHMARKS.md) and RESULTS_DIR/defaults.json (the measured fastest attention code path, to set the defaults in
-kernels/attention.py from data). Prints the target table last.
+bench.kernels, train-*.metrics.jsonl from train.py, train_loss.json from bench.train_loss) and writes
+RESULTS_DIR/summary.md (ready to paste into BENCHMARKS.md) and RESULTS_DIR/defaults.json (the measured fastest
+attention code path, to set the defaults in kernels/attention.py from data). Prints the target table last.
 """
 
 import json
@@ -13,7 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench import common
+from bench import common, train_loss
 from bench.kernels import CANDIDATES
 
 TRAIN_WARMUP_STEPS = 10  # steps left out of training medians: compilation and autotuning
@@ -132,8 +132,27 @@ def fastest_candidates(results: Path) -> dict:
     }
 
 
+def loss_markdown(results: Path) -> list[str]:
+    """bench.train_loss's table: the fused loss against the full logits over micro-batch sizes."""
+    data = _load(results / "train_loss.json")
+    if data is None:
+        return ["Fused linear + cross-entropy against the full logits: not measured (no train_loss.json)."]
+    header, rows = train_loss.table(data)
+    s = data["settings"]
+    lines = [
+        f"Training step of the {s['preset']} preset, bf16 autocast, {s['seq_len']} tokens a sequence, "
+        "`F.cross_entropy` on the full logits (unfused) against `nanogpt2/loss.py` (fused), each run in a fresh "
+        f"process, median of {s['steps']} steps after {s['warmup']} (`python -m bench.train_loss`):",
+        "",
+        f"| {' | '.join(header)} |",
+        "|" + "---|" * len(header),
+    ]
+    return lines + [f"| {' | '.join(row)} |" for row in rows] + ["", train_loss.verdict(data) + "."]
+
+
 def markdown(results: Path, rows: list[tuple[str, str, str, str]], defaults: dict) -> str:
-    """BENCHMARKS.md-ready text: the environment, the targets, every benchmark row, the fastest candidates."""
+    """BENCHMARKS.md-ready text: the environment, the targets, every benchmark row, the fastest candidates, the
+    fused loss against the full logits."""
     bench = _load(results / "bench_kernels.json") or {}
     get = bench.get
     lines = [
@@ -168,7 +187,7 @@ def markdown(results: Path, rows: list[tuple[str, str, str, str]], defaults: dic
     choice = "not measured"
     if rec:
         choice = f"{rec['candidate']} (tma={rec['tma']}, deterministic={rec['deterministic']})"
-    lines += ["", f"Fastest attention path over all fwd+bwd cases: {choice}."]
+    lines += ["", f"Fastest attention path over all fwd+bwd cases: {choice}.", "", *loss_markdown(results)]
     return "\n".join(lines) + "\n"
 
 

@@ -38,7 +38,7 @@ DEVICE_DEFAULTS = {
 }  # fmt: skip
 CPU, GPU = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
 # Flags that override the preset's config.
-MODEL_FIELDS = ("vocab_size", "block_size", "pos_emb", "n_kv_head", "window", "dropout")
+MODEL_FIELDS = ("vocab_size", "n_layer", "block_size", "pos_emb", "n_kv_head", "window", "dropout")
 GROUPS = {
     "model and data": None,
     "batch and schedule": None,
@@ -95,6 +95,7 @@ class TrainConfig:
     pos_emb: str | None = flag(
         MD, "learned positions or rotary (default: the preset's)", type=str, kind="run", choices=POS_EMBS
     )
+    n_layer: int | None = flag(MD, "transformer blocks (default: the preset's)", type=int, kind="run")
     n_kv_head: int | None = flag(MD, "K/V heads, fewer than heads for GQA (default: the preset's)", None, int, "run")
     window: int | None = flag(
         MD, "sliding-window attention over this many keys (default: the preset's)", type=int, kind="run"

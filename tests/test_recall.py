@@ -41,22 +41,37 @@ def test_answers_sit_at_the_queries_and_name_their_pairs_values(length):
     assert 0 <= x.min() and x.max() < RECALL_VOCAB
     for xr, yr, dr in zip(x.tolist(), y.tolist(), d.tolist(), strict=True):
         answers = [p for p in range(length) if yr[p] >= 0]
-        assert answers == [p for p in range(length) if dr[p] >= 0] and len(answers) == RECALL_PAIRS
-        asked = [xr[p] for p in answers]
-        assert len(set(asked)) == RECALL_PAIRS  # each key asked once
+        assert answers == [p for p in range(length) if dr[p] >= 0] and RECALL_PAIRS <= len(answers) <= length // 2
         for p in answers:
-            key_at = p - dr[p]  # where the pair (key, value) sits
-            assert xr[p] in KEYS and yr[p] in VALUES
-            assert 0 <= key_at < 2 * RECALL_PAIRS and key_at % 2 == 0 and dr[p] > 0
-            assert xr[key_at] == xr[p] and xr[key_at + 1] == yr[p]
-            assert p + 1 == length or xr[p + 1] == yr[p]  # x shifted by one: the value follows its query key
+            key_at = p - dr[p]  # the latest earlier place of the question's key: its pair or an earlier question
+            assert xr[p] in KEYS and yr[p] in VALUES and dr[p] > 0 and key_at % 2 == 0
+            assert xr[key_at] == xr[p] and xr[key_at + 1] == yr[p]  # the key stood there with this value
+            assert xr[p] not in xr[key_at + 1 : p]  # and nowhere since
+            pair = xr[: 2 * RECALL_PAIRS : 2].index(xr[p]) * 2  # every question asks one of the pairs' keys
+            assert xr[pair + 1] == yr[p]
+            assert p + 1 == length or xr[p + 1] == yr[p]  # x shifted by one: the value follows its question key
+
+
+def test_questions_ask_with_replacement_and_reach_far_back():
+    """Keys are asked with replacement (no shortcut from the keys still unasked) and distances span the length."""
+    _, y, d = recall_batch(0, 256, 256, seed=1, split=0)
+    distances = d[y >= 0]
+    assert distances.min() <= 4 and distances.max() >= 200
+    x, y, _ = recall_batch(0, 64, 64, seed=1, split=0, questions=RECALL_PAIRS)
+    assert ((y >= 0).sum(dim=1) == RECALL_PAIRS).all()
+    repeats = sum(len(set(row[y[i] >= 0].tolist())) < RECALL_PAIRS for i, row in enumerate(x))
+    assert repeats > 32  # most sequences ask some key twice
+    counts = (recall_batch(0, 64, 64, seed=1, split=0)[1] >= 0).sum(dim=1)  # training: sparse to dense
+    assert counts.min() < 12 and counts.max() > 20
+    with pytest.raises(ValueError, match="25 questions do not fit"):
+        recall_batch(0, 1, 64, seed=0, split=0, questions=25)
 
 
 def test_a_length_without_room_for_the_queries_is_refused():
-    with pytest.raises(ValueError, match="no room for 16 pairs"):
+    with pytest.raises(ValueError, match=f"no room for {RECALL_PAIRS} pairs"):
         recall_batch(0, 1, 4 * RECALL_PAIRS - 1, seed=0, split=0)
-    with pytest.raises(DataError, match="--data recall needs --seq-len of at least 64"):
-        RecallLoader(4, 63)
+    with pytest.raises(DataError, match=f"--data recall needs --seq-len of at least {4 * RECALL_PAIRS}"):
+        RecallLoader(4, 4 * RECALL_PAIRS - 1)
 
 
 def global_batches(rows: int, world_size: int, n: int, seed: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -138,5 +153,5 @@ def test_a_recall_run_trains_and_resumes(tmp_path):
 
 def test_a_vocabulary_smaller_than_recalls_is_refused(tmp_path):
     before = snapshot(tmp_path)
-    done = run(tmp_path, *RUN, "--max-steps", "2", "--vocab-size", "100")
-    assert_bad_input(done, "--vocab-size 100 is smaller than --data recall's 256 token ids", {tmp_path: before})
+    done = run(tmp_path, *RUN, "--max-steps", "2", "--vocab-size", "50")
+    assert_bad_input(done, "--vocab-size 50 is smaller than --data recall's 64 token ids", {tmp_path: before})

@@ -1,4 +1,4 @@
-"""The variant study at a toy budget, end to end, and the loss plot CLI."""
+"""The variant study at a toy budget, end to end, its bad input, and the loss plot CLI."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, assert_bad_input, run_cli
 
-from nanogpt2.study import VARIANTS
+from nanogpt2.study.plan import BUDGETS, DECODE_VARIANTS, VARIANTS, plan_runs
 
 
 def run_module(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -24,45 +24,82 @@ def toy_study(tmp_path_factory) -> Path:
     return tmp / "study"
 
 
-def test_study_writes_every_file_variant_and_column(toy_study):
+def test_study_writes_every_section_run_and_plot(toy_study):
     out = toy_study
     readme = (out / "README.md").read_text()
-    for column in ("params", "train loss", "val loss", "tokens/s", "peak mem", "KV bytes/token", "gen tokens/s"):
-        assert column in readme
+    for section in ("1. Associative recall", "2. Length generalisation", "3. Decoding", "4. Language modelling"):
+        assert f"## {section}" in readme
+    runs = plan_runs(BUDGETS["toy"], list(VARIANTS))
+    for name in {r.name for r in runs if r.kind == "recall"}:
+        assert f"| {name} |" in readme and f"**{name}**" in readme
     for variant in VARIANTS:
         assert f"| {variant} |" in readme
-        assert f"**{variant}**" in readme or variant == "base"
-    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    for plot in ("loss.png", "recall.png", "decode.png"):
+        assert (out / plot).read_bytes().startswith(b"\x89PNG")
     results = json.loads((out / "results.json").read_text())
-    assert set(results["summary"]) == set(VARIANTS)
-    for row in results["summary"].values():
-        assert row["val_loss"] > 0 and row["tokens_per_s"] > 0 and row["gen_tokens_per_s"] > 0
-        assert abs(row["val_loss_1x"] - row["val_loss"]) <= 1e-4  # the same val tokens as train.py's evaluation
-    # Learned positions cannot be evaluated past block_size; rotary ones can.
-    assert results["summary"]["base"]["val_loss_4x"] is None
-    assert results["summary"]["rope"]["val_loss_4x"] > 0
-    assert results["summary"]["all"]["kv_bytes_long_context"] < results["summary"]["base"]["kv_bytes_long_context"]
+    assert set(results["lm_summary"]) == set(VARIANTS)
+    for run in results["lm"]["base"]:
+        assert abs(run["val_loss_at"]["1x"] - run["val_loss"]) <= 1e-4  # the same val tokens as train.py's evaluation
+    # Learned positions cannot be evaluated past block_size; rotary ones can, in both tasks.
+    assert results["lm_summary"]["base"]["val_loss_at"]["2x"] is None
+    assert results["lm_summary"]["rope"]["val_loss_at"]["8x"][0] > 0
+    assert results["recall"]["base"]["recall"]["2x"] is None
+    rope_8x = results["recall"]["rope"]["recall"]["8x"]
+    assert 0 <= rope_8x["accuracy"] <= 1 and sum(b["questions"] for b in rope_8x["bins"]) > 0
+    assert results["recall"]["gqa-kv1"]["config"]["n_kv_head"] == 1
+    assert results["recall"]["swa-w16-L4"]["config"]["n_layer"] == 4
+
+
+def test_study_decoding_cache_stays_at_the_window(toy_study):
+    decode = json.loads((toy_study / "results.json").read_text())["decode"]
+    assert set(decode) == set(DECODE_VARIANTS)
+    window = BUDGETS["toy"].lm.window
+    for variant, rows in decode.items():
+        sizes = [r["cache_bytes"] for r in rows]
+        assert all(r["tokens_per_s"] > 0 for r in rows)
+        if variant in ("swa", "all"):
+            assert len(set(sizes)) == 1 and rows[0]["cache_positions"] == window
+        else:
+            assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert decode["gqa"][-1]["cache_bytes"] < decode["base"][-1]["cache_bytes"]
 
 
 def test_study_rerun_reuses_or_retrains_each_run(toy_study, tmp_path):
-    """Complete runs are reused; an interrupted one, one without its checkpoint (as committed results have none) or
-    one made by another command trains again; a relative --out works from any directory."""
+    """Complete runs are reused; an interrupted one, one without its checkpoint (as committed results have none)
+    or one made by another command trains again; a relative --out works from any directory."""
     out = tmp_path / "study"
     shutil.copytree(toy_study, out)
-    (out / "runs" / "base-seed0" / "summary.json").unlink()  # interrupted after its last checkpoint
-    (out / "runs" / "rope-seed0" / "ckpt.pt").unlink()
-    run_json = out / "runs" / "gqa-seed0" / "run.json"
-    run_json.write_text(run_json.read_text().replace('"max_steps": 6', '"max_steps": 5'))
-    result = run_module("nanogpt2.study", "--budget", "toy", "--out", "study", cwd=tmp_path)
+    (out / "runs" / "lm-base-seed0" / "summary.json").unlink()  # interrupted after its last checkpoint
+    (out / "runs" / "recall-rope-seed0" / "ckpt.pt").unlink()
+    run_json = out / "runs" / "lm-gqa-seed0" / "run.json"
+    run_json.write_text(run_json.read_text().replace('"max_steps": 4', '"max_steps": 3'))
+    args = ("--budget", "toy", "--variants", "rope", "gqa", "--out", "study")
+    result = run_module("nanogpt2.study", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     done = dict(line.rsplit(": ", 1) for line in result.stdout.splitlines() if line.startswith(f"[study] {out}"))
+    retrained = {"lm-base-seed0", "recall-rope-seed0", "lm-gqa-seed0"}
+    runs = plan_runs(BUDGETS["toy"], ["base", "rope", "gqa"])
     assert done == {
-        f"[study] {out / 'runs' / name}-seed0": what
-        for name, what in [("base", "trained"), ("rope", "trained"), ("gqa", "trained"), ("swa", "complete, reused"),
-                           ("all", "complete, reused")]
-    }  # fmt: skip
-    results = json.loads((out / "results.json").read_text())
-    assert set(results["summary"]) == set(VARIANTS)
+        f"[study] {out / 'runs' / r.dir_name}": "trained" if r.dir_name in retrained else "complete, reused"
+        for r in runs
+    }
+    assert set(json.loads((out / "results.json").read_text())["lm_summary"]) == {"base", "rope", "gqa"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--variants", "base", "mamba"], "error: unknown variant 'mamba'; the variants are base, rope, gqa, swa, all"),
+        (["--budget", "huge"], "error: unknown budget 'huge'; the budgets are toy, cpu, gpu"),
+        (["--window", "100"], "error: budget toy: lm: the window (100) is larger than the context (32)"),
+        (["--kv-heads", "3"], "error: budget toy: lm: 3 K/V heads do not divide 2 heads"),
+        (["--seeds", "0"], "error: budget toy: --seeds must be at least 1, got 0"),
+    ],
+)
+def test_study_bad_input_is_one_clear_line(args, message, tmp_path):
+    result = run_module("nanogpt2.study", "--budget", "toy", *args, "--out", str(tmp_path / "study"))
+    assert_bad_input(result, message)
+    assert not (tmp_path / "study").exists()
 
 
 def test_plot_cli_draws_runs(tmp_path):

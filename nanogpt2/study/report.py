@@ -1,0 +1,209 @@
+"""The study's report: summary tables, a reading in plain words made from the numbers, and the plots."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from nanogpt2.plot import import_pyplot
+from nanogpt2.study.plan import Budget
+
+GOOD = 0.9  # recall accuracy that counts as "recalls"
+CHANCE = 1 / 128  # one of the 128 values
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the max-min range (0 for a single value)."""
+    return statistics.fmean(values), (max(values) - min(values)) / 2
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def summarize_lm(lm: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per variant: mean and spread over seeds of the losses and speed; loss at each length (mean, None if any is)."""
+    table = {}
+    for variant, runs in lm.items():
+        row = {"params": runs[0]["params"], "peak_mem_mib": max(r["peak_mem_mib"] for r in runs), "seeds": len(runs)}
+        for key in ("train_loss", "val_loss", "tokens_per_s"):
+            row[key], row[f"{key}_spread"] = mean_spread([r[key] for r in runs])
+        row["val_loss_at"] = {
+            k: None
+            if any(r["val_loss_at"][k] is None for r in runs)
+            else mean_spread([r["val_loss_at"][k] for r in runs])
+            for k in runs[0]["val_loss_at"]
+        }
+        table[variant] = row
+    return table
+
+
+def reach(recall_at_length: dict, floor: float = GOOD) -> int | None:
+    """The first distance from which accuracy stays below `floor` in every later bin (None: it never drops)."""
+    bins = recall_at_length["bins"]
+    for i, b in enumerate(bins):
+        if all(later["accuracy"] < floor for later in bins[i:]):
+            return b["distance"]
+    return None
+
+
+def lm_reading(table: dict[str, dict]) -> list[str]:
+    """How each variant's val loss compares with the baseline's, against the seed-to-seed spread."""
+    base = table["base"]
+    lines = []
+    for variant, row in table.items():
+        if variant == "base":
+            continue
+        diff = row["val_loss"] - base["val_loss"]
+        noise = max(row["val_loss_spread"], base["val_loss_spread"])
+        if row["seeds"] > 1:
+            verdict = "exceeds" if abs(diff) > 2 * noise else "does not exceed"
+            against = f"that {verdict} twice the seed-to-seed spread (±{noise:.3f})"
+        else:
+            against = "one seed only, so the seed-to-seed spread is unknown"
+        direction = "lower (better)" if diff < 0 else "higher (worse)"
+        lines.append(
+            f"- **{variant}**: val loss {row['val_loss']:.3f} vs {base['val_loss']:.3f}, {abs(diff):.3f} {direction}; "
+            f"{against}. Training speed {row['tokens_per_s'] / base['tokens_per_s']:.2f}x the baseline's."
+        )
+    return lines
+
+
+def accuracy_between(at_length: dict, lo: int, hi: int | None = None) -> float | None:
+    """Accuracy over the questions at distances in [lo, hi) (bins that start there), None if there are none."""
+    bins = [
+        b
+        for b in at_length["bins"]
+        if b["distance"] >= lo and (hi is None or b["distance"] + at_length["bin_width"] <= hi)
+    ]
+    questions = sum(b["questions"] for b in bins)
+    return sum(b["accuracy"] * b["questions"] for b in bins) / questions if questions else None
+
+
+def recall_reading(recall: dict[str, dict], budget: Budget) -> list[str]:
+    """Per recall run, in words: how well it recalls at the training length, and for windowed runs whether anything
+    gets past the window (a window W over L layers could relay up to L x W back)."""
+    T = budget.recall.seq_len
+    lines = []
+    for name, run in recall.items():
+        at_T, c = run["recall"]["1x"], run["config"]
+        text = f"- **{name}**: accuracy {at_T['accuracy']:.2f} at the training length {T}"
+        window = c["window"]
+        if window is not None and window < T:
+            inside, beyond = accuracy_between(at_T, 0, window), accuracy_between(at_T, window)
+            relay = c["n_layer"] * window
+            text += f"; {fmt(inside, '.2f')} at distances below its window of {window}, "
+            text += f"{fmt(beyond, '.2f')} from {window} on"
+            if relay < T:
+                text += f", {fmt(accuracy_between(at_T, relay), '.2f')} from L x W = {relay} on"
+            if inside is not None and beyond is not None:
+                relayed = beyond >= GOOD or (inside > 0 and beyond >= 0.5 * inside)
+                text += (
+                    ": the layers relay what the window cannot see"
+                    if relayed
+                    else f": recall stops at the window; {c['n_layer']} layers do not carry the pairs further"
+                )
+        else:
+            stop = reach(at_T)
+            text += (
+                f"; at or above {GOOD} at every distance" if stop is None else
+                f"; below {GOOD} from distance {stop} on" if stop > 0 else f"; below {GOOD} at every distance"
+            )  # fmt: skip
+        longer = [k for k in list(run["recall"])[1:] if run["recall"][k] is not None]
+        if longer:
+            text += "; past the training length: " + ", ".join(
+                f"{run['recall'][k]['accuracy']:.2f} at {int(k[:-1]) * T}" for k in longer
+            )
+        elif c["pos_emb"] == "learned":
+            text += "; learned positions end at the training length"
+        lines.append(text + ".")
+    return lines
+
+
+def decode_reading(decode: dict[str, list[dict]]) -> list[str]:
+    """Per variant: how speed and cache size change from the shortest to the longest context."""
+    lines = []
+    for variant, rows in decode.items():
+        first, last = rows[0], rows[-1]
+        lines.append(
+            f"- **{variant}**: {first['tokens_per_s']:.1f} -> {last['tokens_per_s']:.1f} tokens/s "
+            f"({last['tokens_per_s'] / first['tokens_per_s']:.2f}x) and cache {first['cache_bytes'] / 2**20:.1f} -> "
+            f"{last['cache_bytes'] / 2**20:.1f} MiB from context {first['context']} to {last['context']}."
+        )
+    return lines
+
+
+def plot_loss(lm: dict[str, list[dict]], out: Path, title: str) -> None:
+    """Val loss against tokens: each seed thin, the mean over seeds bold, one color per variant."""
+    plt = import_pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    colors = plt.get_cmap("tab10").colors
+    for i, (variant, runs) in enumerate(lm.items()):
+        for r in runs:
+            ax.plot([c["tokens"] / 1e6 for c in r["curve"]], [c["val_loss"] for c in r["curve"]],
+                    color=colors[i], alpha=0.3, lw=1)  # fmt: skip
+        points = list(zip(*[[c["val_loss"] for c in r["curve"]] for r in runs], strict=True))
+        tokens = [c["tokens"] / 1e6 for c in runs[0]["curve"]]
+        ax.plot(tokens, [statistics.fmean(p) for p in points], color=colors[i], marker="o", ms=4, lw=2, label=variant)
+    ax.set(xlabel="tokens seen (millions)", ylabel="val loss (nats / token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, plt, out)
+
+
+def plot_recall(recall: dict[str, dict], budget: Budget, out: Path) -> None:
+    """Recall accuracy against distance: at the training length (left), and at the longest length each run reaches
+    beyond it (right); dashed lines mark the windows."""
+    plt = import_pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), dpi=120)
+    colors = plt.get_cmap("tab10").colors
+    longest = f"{max(budget.lengths)}x"
+    for i, (name, run) in enumerate(recall.items()):
+        color, style = colors[i % 10], "-" if i < 10 else "--"
+        for ax, key in ((left, "1x"), (right, longest)):
+            at = run["recall"].get(key)
+            if at is None:
+                continue
+            bins = at["bins"]
+            xs = [b["distance"] + at["bin_width"] / 2 for b in bins]
+            ax.plot(xs, [b["accuracy"] for b in bins], color=color, ls=style, marker=".", label=name)
+    windows = sorted({run["config"]["window"] for run in recall.values() if run["config"]["window"]})
+    for ax in (left, right):
+        for w in windows:
+            ax.axvline(w, color="grey", ls=":", lw=1)
+        ax.axhline(CHANCE, color="black", lw=0.5)
+        ax.set(
+            xlabel="distance from the pair's key to the query (tokens)", ylabel="recall accuracy", ylim=(-0.02, 1.02)
+        )
+        ax.grid(alpha=0.3)
+    T = budget.recall.seq_len
+    left.set_title(f"at the training length ({T} tokens); dotted: windows {windows}")
+    right.set_title(f"at {longest.rstrip('x')} x the training length ({int(longest.rstrip('x')) * T} tokens)")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    save(fig, plt, out)
+
+
+def plot_decode(decode: dict[str, list[dict]], out: Path) -> None:
+    """Decoding tokens/s (left) and KV-cache memory (right) against context, one line per variant."""
+    plt = import_pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    for variant, rows in decode.items():
+        contexts = [r["context"] for r in rows]
+        left.plot(contexts, [r["tokens_per_s"] for r in rows], marker="o", label=variant)
+        right.plot(contexts, [r["cache_bytes"] / 2**20 for r in rows], marker="o", label=variant)
+    left.set(ylabel="tokens/s (batch 1, one token per step)", title="decoding speed with the KV cache")
+    right.set(ylabel="KV cache (MiB)", title="KV-cache memory", yscale="log")
+    for ax in (left, right):
+        ax.set(xlabel="context (tokens)", xscale="log")
+        ax.minorticks_off()
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save(fig, plt, out)
+
+
+def save(fig, plt, out: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

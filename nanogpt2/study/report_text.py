@@ -1,0 +1,135 @@
+"""The study's README.md: what was run, the tables, and the reading in words (report.py makes the sentences)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nanogpt2.recall import RECALL_PAIRS
+from nanogpt2.study.plan import Budget, Part
+from nanogpt2.study.report import GOOD, decode_reading, fmt, lm_reading, reach, recall_reading
+
+
+def describe(part: Part) -> str:
+    layers = f", {part.n_layer} layers" if part.n_layer else ""
+    return (
+        f"preset `{part.preset}`{layers} on `{part.data}`, {part.max_steps} steps of {part.batch_size} x "
+        f"{part.seq_len} tokens ({part.max_steps * part.batch_size * part.seq_len:,} tokens), lr {part.lr} "
+        f"(warmup {part.warmup_steps}, cosine to a tenth), {part.dtype}"
+    )
+
+
+def recall_section(recall: dict[str, dict], budget: Budget) -> list[str]:
+    part = budget.recall
+    lengths = [f"{k}x" for k in budget.lengths]
+    lines = [
+        "## 1. Associative recall against distance",
+        "",
+        f"Multi-query associative recall (`--data recall`, nanogpt2/recall.py): {RECALL_PAIRS} key-value pairs open "
+        "each sequence, then every key is asked once at a random place later on, filler between; only the answers "
+        "are scored. Distance is the number of positions from the pair's key to the query. Each run: "
+        f"{describe(part)}, one seed. Accuracy over {budget.recall_eval_rows} held-out sequences per training "
+        f"length (more at longer lengths), chance {1 / 128:.3f}. *Reach*: the distance from which accuracy stays "
+        f"below {GOOD} (none: it never drops).",
+        "",
+        "| run | positions | K/V heads | window | layers | "
+        + " | ".join(f"accuracy @ {int(k[:-1]) * part.seq_len}" for k in lengths)
+        + f" | reach @ {part.seq_len} |",
+        "| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in lengths) + " | ---: |",
+    ]
+    for name, run in recall.items():
+        c = run["config"]
+        accs = [fmt(run["recall"][k]["accuracy"] if run["recall"][k] else None) for k in lengths]
+        stop = reach(run["recall"]["1x"])
+        lines.append(
+            f"| {name} | {c['pos_emb']} | {c['n_kv_head']} of {c['n_head']} | {c['window'] or 'none'} | "
+            f"{c['n_layer']} | " + " | ".join(accs) + f" | {'none' if stop is None else stop} |"
+        )
+    lines += ["", *recall_reading(recall, budget), "", "![recall accuracy against distance](recall.png)", ""]
+    return lines
+
+
+def length_section(summary: dict[str, dict], budget: Budget) -> list[str]:
+    part = budget.lm
+    lengths = list(next(iter(summary.values()))["val_loss_at"])
+    lines = [
+        "## 2. Length generalisation (language modelling)",
+        "",
+        f"Val loss of the language models of section 4 on the same val tokens cut into rows of 1x, 2x, 4x and 8x the "
+        f"training context ({part.seq_len}); mean ± half the range over seeds. Learned positions stop at the "
+        "training context (the position table ends there): n/a. Recall at longer lengths is in section 1's table.",
+        "",
+        "| variant | " + " | ".join(f"val loss @ {int(k[:-1]) * part.seq_len}" for k in lengths) + " |",
+        "| --- | " + " | ".join("---:" for _ in lengths) + " |",
+    ]
+    for variant, row in summary.items():
+        cells = [fmt(None) if row["val_loss_at"][k] is None else "{:.3f} ± {:.3f}".format(*row["val_loss_at"][k])
+                 for k in lengths]  # fmt: skip
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def lm_section(summary: dict[str, dict], budget: Budget) -> list[str]:
+    part = budget.lm
+    lines = [
+        "## 4. Language modelling",
+        "",
+        f"{describe(part).capitalize()}, {budget.seeds} seeds per variant. GQA: {part.kv_heads} K/V heads, "
+        f"window {part.window}. Losses in nats per token; ± is half the range over seeds. Training tokens/s are with "
+        f"{budget.workers} runs sharing the machine.",
+        "",
+        "| variant | params | train loss | val loss | tokens/s (train) | peak mem (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for variant, r in summary.items():
+        lines.append(
+            f"| {variant} | {r['params']:,} | {r['train_loss']:.3f} ± {r['train_loss_spread']:.3f} | "
+            f"{r['val_loss']:.3f} ± {r['val_loss_spread']:.3f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_mib']:,.0f} |"
+        )
+    lines += ["", *lm_reading(summary), "", "![val loss against tokens](loss.png)", ""]
+    return lines
+
+
+def decode_section(decode: dict[str, list[dict]], budget: Budget) -> list[str]:
+    if not decode:
+        return []
+    variants = list(decode)
+    lines = [
+        "## 3. Decoding at long context",
+        "",
+        f"One sequence, one new token per step through the KV cache after a prompt of each length; the median of "
+        f"{budget.decode_tokens} steps. Untrained `{budget.decode_preset}` models sized to the longest context (speed "
+        "does not depend on the weights). Cache: the bytes the K and V buffers hold.",
+        "",
+        "| context | " + " | ".join(f"{v} tokens/s" for v in variants) + " | "
+        + " | ".join(f"{v} cache MiB" for v in variants) + " |",
+        "| ---: | " + " | ".join("---:" for _ in range(2 * len(variants))) + " |",
+    ]  # fmt: skip
+    for i, context in enumerate(r["context"] for r in decode[variants[0]]):
+        speeds = [f"{decode[v][i]['tokens_per_s']:.1f}" for v in variants]
+        sizes = [f"{decode[v][i]['cache_bytes'] / 2**20:.2f}" for v in variants]
+        lines.append(f"| {context} | " + " | ".join(speeds + sizes) + " |")
+    lines += ["", *decode_reading(decode), "", "![decoding speed and cache memory](decode.png)", ""]
+    return lines
+
+
+def write_report(
+    path: Path, about: dict, budget: Budget, summary: dict, recall: dict[str, dict], decode: dict[str, list[dict]]
+) -> None:
+    """README.md of the study: how it was made, then sections 1-4 (recall, length, decoding, language modelling)."""
+    lines = [
+        "# Variant study: what rotary positions, grouped-query attention and sliding windows do",
+        "",
+        f"Made by `{about['command']}` on {about['date']}, {about['machine']}: budget `{about['budget_name']}`, "
+        f"{about['total_s'] / 60:.1f} minutes in all ({about['train_s'] / 60:.1f} of them training, "
+        f"{budget.workers} runs at a time). Every run trains through train.py; its command, log and metrics are under "
+        "runs/. results.json holds every number below.",
+        "",
+        "Variants: **base** (GPT-2: learned positions, multi-head, full causal attention), **rope** (rotary "
+        "positions), **gqa** (fewer K/V heads), **swa** (sliding-window attention), **all** (the three together).",
+        "",
+        *recall_section(recall, budget),
+        *length_section(summary, budget),
+        *decode_section(decode, budget),
+        *lm_section(summary, budget),
+    ]
+    path.write_text("\n".join(lines))

@@ -11,7 +11,19 @@ from helpers import assert_bad_input, run_cli, snapshot
 from nanogpt2.checkpoint import load_training_checkpoint
 from nanogpt2.config import TrainConfig
 from nanogpt2.data import BatchLoader, DataError, SyntheticStream
-from nanogpt2.recall import KEYS, RECALL_PAIRS, RECALL_VOCAB, VALUES, RecallLoader, recall_batch
+from nanogpt2.recall import (
+    KEY0,
+    KEYS,
+    N_VALUES,
+    PAIR0,
+    RECALL_PAIRS,
+    RECALL_VOCAB,
+    VALUE0,
+    VALUES,
+    RecallLoader,
+    min_length,
+    recall_batch,
+)
 from nanogpt2.tokenizer import VOCAB_SIZE
 
 RUN = ["--data", "recall", "--preset", "pico", "--seq-len", "64", "--batch-size", "4", "--eval-every", "2",
@@ -43,13 +55,12 @@ def test_answers_sit_at_the_queries_and_name_their_pairs_values(length):
         answers = [p for p in range(length) if yr[p] >= 0]
         assert answers == [p for p in range(length) if dr[p] >= 0] and RECALL_PAIRS <= len(answers) <= length // 2
         for p in answers:
-            key_at = p - dr[p]  # the latest earlier place of the question's key: its pair or an earlier question
-            assert xr[p] in KEYS and yr[p] in VALUES and dr[p] > 0 and key_at % 2 == 0
-            assert xr[key_at] == xr[p] and xr[key_at + 1] == yr[p]  # the key stood there with this value
-            assert xr[p] not in xr[key_at + 1 : p]  # and nowhere since
-            pair = xr[: 2 * RECALL_PAIRS : 2].index(xr[p]) * 2  # every question asks one of the pairs' keys
-            assert xr[pair + 1] == yr[p]
-            assert p + 1 == length or xr[p + 1] == yr[p]  # x shifted by one: the value follows its question key
+            pair = xr[p - dr[p]]  # the pair asked about: one token naming its key and value
+            assert xr[p] in KEYS and yr[p] in VALUES and 0 <= p - dr[p] < RECALL_PAIRS
+            assert (pair - PAIR0) // N_VALUES == xr[p] - KEY0 and (pair - PAIR0) % N_VALUES == yr[p] - VALUE0
+            assert p + 1 == length or xr[p + 1] == yr[p]  # x shifted by one: the answer follows its question
+        keys = [(t - PAIR0) // N_VALUES for t in xr[:RECALL_PAIRS]]
+        assert len(set(keys)) == RECALL_PAIRS  # the pairs' keys are distinct, so each question has one answer
 
 
 def test_questions_ask_with_replacement_and_reach_far_back():
@@ -63,15 +74,15 @@ def test_questions_ask_with_replacement_and_reach_far_back():
     assert repeats > 32  # most sequences ask some key twice
     counts = (recall_batch(0, 64, 64, seed=1, split=0)[1] >= 0).sum(dim=1)  # training: sparse to dense
     assert counts.min() < 12 and counts.max() > 20
-    with pytest.raises(ValueError, match="25 questions do not fit"):
-        recall_batch(0, 1, 64, seed=0, split=0, questions=25)
+    with pytest.raises(ValueError, match="29 questions do not fit"):
+        recall_batch(0, 1, 64, seed=0, split=0, questions=29)
 
 
 def test_a_length_without_room_for_the_queries_is_refused():
     with pytest.raises(ValueError, match=f"no room for {RECALL_PAIRS} pairs"):
-        recall_batch(0, 1, 4 * RECALL_PAIRS - 1, seed=0, split=0)
-    with pytest.raises(DataError, match=f"--data recall needs --seq-len of at least {4 * RECALL_PAIRS}"):
-        RecallLoader(4, 4 * RECALL_PAIRS - 1)
+        recall_batch(0, 1, min_length() - 1, seed=0, split=0)
+    with pytest.raises(DataError, match=f"--data recall needs --seq-len of at least {min_length()}"):
+        RecallLoader(4, min_length() - 1)
 
 
 def global_batches(rows: int, world_size: int, n: int, seed: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -154,4 +165,4 @@ def test_a_recall_run_trains_and_resumes(tmp_path):
 def test_a_vocabulary_smaller_than_recalls_is_refused(tmp_path):
     before = snapshot(tmp_path)
     done = run(tmp_path, *RUN, "--max-steps", "2", "--vocab-size", "50")
-    assert_bad_input(done, "--vocab-size 50 is smaller than --data recall's 64 token ids", {tmp_path: before})
+    assert_bad_input(done, "--vocab-size 50 is smaller than --data recall's 289 token ids", {tmp_path: before})

@@ -76,7 +76,8 @@ def test_study_rerun_reuses_or_retrains_each_run(toy_study, tmp_path):
     args = ("--budget", "toy", "--variants", "rope", "gqa", "--out", "study")
     result = run_module("nanogpt2.study", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    done = dict(line.rsplit(": ", 1) for line in result.stdout.splitlines() if line.startswith(f"[study] {out}"))
+    lines = [line.split(" in ")[0] for line in result.stdout.splitlines() if line.startswith(f"[study] {out}")]
+    done = dict(line.rsplit(": ", 1) for line in lines)  # "trained in 12 s" -> "trained"
     retrained = {"lm-base-seed0", "recall-rope-seed0", "lm-gqa-seed0"}
     runs = plan_runs(BUDGETS["toy"], ["base", "rope", "gqa"])
     assert done == {

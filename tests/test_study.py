@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, assert_bad_input, run_cli
 
+from nanogpt2.study.__main__ import main as study_main
 from nanogpt2.study.plan import BUDGETS, DECODE_VARIANTS, VARIANTS, plan_runs
 
 
@@ -97,10 +98,15 @@ def test_study_rerun_reuses_or_retrains_each_run(toy_study, tmp_path):
         (["--seeds", "0"], "error: budget toy: --seeds must be at least 1, got 0"),
     ],
 )
-def test_study_bad_input_is_one_clear_line(args, message, tmp_path):
-    result = run_module("nanogpt2.study", "--budget", "toy", *args, "--out", str(tmp_path / "study"))
-    assert_bad_input(result, message)
+def test_study_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
+    """In-process (the checks run before anything is trained); the first case also through the CLI."""
+    argv = ["--budget", "toy", *args, "--out", str(tmp_path / "study")]
+    code = study_main(argv)
+    captured = capsys.readouterr()
+    assert_bad_input(subprocess.CompletedProcess(argv, code, captured.out, captured.err), message)
     assert not (tmp_path / "study").exists()
+    if "mamba" in args:
+        assert_bad_input(run_module("nanogpt2.study", *argv), message)
 
 
 def test_plot_cli_draws_runs(tmp_path):

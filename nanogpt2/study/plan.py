@@ -87,6 +87,8 @@ BUDGETS: dict[str, Budget] = {
         seeds=3, recall_eval_rows=256, decode_preset="nano", decode_contexts=(256, 512, 1024, 2048, 4096, 8192),
         decode_tokens=32, device="cpu", workers=2,
     ),
+    # GPT-2 124M on Shakespeare: 15 runs of 19.7M tokens, about 2.4e17 FLOP: about 10 minutes on one H100 at 40% MFU
+    # (30 on an A100), plus a few minutes of recall runs, measurement and decoding. An estimate: not yet run.
     "gpu": Budget(
         lm=Part("gpt2", "shakespeare", seq_len=1024, batch_size=32, max_steps=600, lr=1.2e-3, warmup_steps=60,
                 eval_every=50, eval_batches=20, kv_heads=4, window=256, dtype="bfloat16"),

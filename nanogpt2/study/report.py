@@ -6,10 +6,11 @@ import statistics
 from pathlib import Path
 
 from nanogpt2.plot import import_pyplot
+from nanogpt2.recall import N_VALUES
 from nanogpt2.study.plan import Budget
 
 GOOD = 0.9  # recall accuracy that counts as "recalls"
-CHANCE = 1 / 128  # one of the 128 values
+CHANCE = 1 / N_VALUES  # one of the values
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -120,15 +121,35 @@ def recall_reading(recall: dict[str, dict], budget: Budget) -> list[str]:
     return lines
 
 
+def length_reading(table: dict[str, dict], seq_len: int) -> list[str]:
+    """Per variant: how its val loss moves from the training context to the longest length, or where it stops."""
+    lines = []
+    for variant, row in table.items():
+        at = {k: v for k, v in row["val_loss_at"].items() if v is not None}
+        longest = max(at, key=lambda k: int(k[:-1]))
+        if longest == "1x":
+            lines.append(f"- **{variant}**: learned positions end at the training context ({seq_len}): no longer rows.")
+            continue
+        first, last = at["1x"][0], at[longest][0]
+        steps = ", ".join(f"{at[k][0]:.3f} at {int(k[:-1]) * seq_len}" for k in at)
+        change = (last - first) / first
+        verdict = "holds" if abs(change) <= 0.02 else "rises" if change > 0 else "falls"
+        lines.append(f"- **{variant}**: {steps}: the loss {verdict} ({change:+.1%}) from {seq_len} to "
+                     f"{int(longest[:-1]) * seq_len} tokens.")  # fmt: skip
+    return lines
+
+
 def decode_reading(decode: dict[str, list[dict]]) -> list[str]:
     """Per variant: how speed and cache size change from the shortest to the longest context."""
     lines = []
     for variant, rows in decode.items():
         first, last = rows[0], rows[-1]
+        speed = last["tokens_per_s"] / first["tokens_per_s"]
+        flat = "flat" if speed >= 0.85 else "falling"
         lines.append(
-            f"- **{variant}**: {first['tokens_per_s']:.1f} -> {last['tokens_per_s']:.1f} tokens/s "
-            f"({last['tokens_per_s'] / first['tokens_per_s']:.2f}x) and cache {first['cache_bytes'] / 2**20:.1f} -> "
-            f"{last['cache_bytes'] / 2**20:.1f} MiB from context {first['context']} to {last['context']}."
+            f"- **{variant}**: {first['tokens_per_s']:.1f} -> {last['tokens_per_s']:.1f} tokens/s ({speed:.2f}x, "
+            f"{flat}) and cache {first['cache_bytes'] / 2**20:.2f} -> {last['cache_bytes'] / 2**20:.2f} MiB from "
+            f"context {first['context']} to {last['context']}."
         )
     return lines
 

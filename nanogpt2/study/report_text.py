@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanogpt2.recall import RECALL_PAIRS
+from nanogpt2.recall import N_VALUES, RECALL_PAIRS
 from nanogpt2.study.plan import Budget, Part
-from nanogpt2.study.report import GOOD, decode_reading, fmt, lm_reading, reach, recall_reading
+from nanogpt2.study.report import GOOD, decode_reading, fmt, length_reading, lm_reading, reach, recall_reading
 
 
 def describe(part: Part) -> str:
@@ -25,11 +25,12 @@ def recall_section(recall: dict[str, dict], budget: Budget) -> list[str]:
         "## 1. Associative recall against distance",
         "",
         f"Multi-query associative recall (`--data recall`, nanogpt2/recall.py): {RECALL_PAIRS} key-value pairs open "
-        "each sequence, then every key is asked once at a random place later on, filler between; only the answers "
-        "are scored. Distance is the number of positions from the pair's key to the query. Each run: "
-        f"{describe(part)}, one seed. Accuracy over {budget.recall_eval_rows} held-out sequences per training "
-        f"length (more at longer lengths), chance {1 / 128:.3f}. *Reach*: the distance from which accuracy stays "
-        f"below {GOOD} (none: it never drops).",
+        "each sequence, each pair one token naming its key and value, then questions (a key; the model must emit its "
+        "value) at random places later on, filler between; only the answers are scored. Distance is the number of "
+        f"positions from the pair to the question. Each run: {describe(part)}, one seed. Accuracy over "
+        f"{budget.recall_eval_rows} held-out sequences of {RECALL_PAIRS} questions at the training length (k times as "
+        f"many at k times the length), chance {1 / N_VALUES:.3f}. *Reach*: the distance from which accuracy stays "
+        f"below {GOOD} (none: it never drops). Learned positions cannot run past the training length: n/a.",
         "",
         "| run | positions | K/V heads | window | layers | "
         + " | ".join(f"accuracy @ {int(k[:-1]) * part.seq_len}" for k in lengths)
@@ -65,7 +66,7 @@ def length_section(summary: dict[str, dict], budget: Budget) -> list[str]:
         cells = [fmt(None) if row["val_loss_at"][k] is None else "{:.3f} ± {:.3f}".format(*row["val_loss_at"][k])
                  for k in lengths]  # fmt: skip
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    return [*lines, "", *length_reading(summary, part.seq_len), ""]
 
 
 def lm_section(summary: dict[str, dict], budget: Budget) -> list[str]:

@@ -75,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     variants = ["base", *[v for v in VARIANTS if v in args.variants and v != "base"]]  # the baseline always runs
     t0 = time.perf_counter()
     runs = plan_runs(budget, variants)
-    jobs = {}
-    for run in runs:
-        part = budget.lm if run.kind == "lm" else budget.recall
-        jobs[out / "runs" / run.dir_name] = train_command(part, run, out / "runs" / run.dir_name, budget.device)
-    outcome = train_all(jobs, budget.workers, cpu=budget.device == "cpu")
+    outcome = {}
+    for kind, part in (("lm", budget.lm), ("recall", budget.recall)):  # the big runs use every core, tiny ones share
+        jobs = {}
+        for run in (r for r in runs if r.kind == kind):
+            jobs[out / "runs" / run.dir_name] = train_command(part, run, out / "runs" / run.dir_name, budget.device)
+        outcome.update(train_all(jobs, part.workers, cpu=budget.device == "cpu"))
     failed = [d for d, what in outcome.items() if what == "failed"]
     if failed:
         print(f"error: {len(failed)} run(s) failed, first {failed[0].name}; see {failed[0]}.log", file=sys.stderr)
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name()}" if budget.device == "cuda" else ""),
         "train_s": train_s,
+        "runs_s": sum(r["wall_s"] for runs in lm.values() for r in runs) + sum(r["wall_s"] for r in recall.values()),
         "total_s": total_s,
         "outcome": {d.name: what for d, what in outcome.items()},
     }

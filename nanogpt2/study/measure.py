@@ -47,6 +47,7 @@ def training_record(run_dir: Path) -> dict:
         "tokens": steps[-1]["tokens"],
         "tokens_per_s": summary["tokens_per_s"],
         "peak_mem_mib": summary["peak_mem_mib"],
+        "wall_s": summary["wall_s"],
         "curve": [{"tokens": r["tokens"], "val_loss": r["val_loss"]} for r in evals],
     }
 

@@ -44,6 +44,7 @@ class Part:
     window: int  # the swa variant's window
     n_layer: int | None = None  # None: the preset's
     dtype: str = "float32"
+    workers: int = 1  # runs trained at once (on a CPU each gets cpu_count / workers threads)
 
     @property
     def layers(self) -> int:
@@ -66,7 +67,6 @@ class Budget:
     decode_contexts: tuple[int, ...]
     decode_tokens: int  # tokens timed per context
     device: str
-    workers: int  # training runs at once (each with cpu_count / workers threads on a CPU)
     lengths: tuple[int, ...] = field(default=(1, 2, 4, 8))  # evaluation lengths, in training contexts
 
 
@@ -75,17 +75,16 @@ BUDGETS: dict[str, Budget] = {
         lm=Part("pico", "synthetic", seq_len=32, batch_size=4, max_steps=4, lr=3e-3, warmup_steps=1, eval_every=2,
                 eval_batches=1, kv_heads=1, window=8),
         recall=Part("pico", "recall", seq_len=64, batch_size=4, max_steps=4, lr=3e-3, warmup_steps=1, eval_every=2,
-                    eval_batches=1, kv_heads=1, window=16),
+                    eval_batches=1, kv_heads=1, window=16, workers=2),
         seeds=1, recall_eval_rows=8, decode_preset="pico", decode_contexts=(32, 64), decode_tokens=4, device="cpu",
-        workers=2,
     ),
     "cpu": Budget(
         lm=Part("nano", "shakespeare", seq_len=256, batch_size=16, max_steps=240, lr=2e-3, warmup_steps=20,
                 eval_every=40, eval_batches=4, kv_heads=2, window=64, dtype="bfloat16"),
         recall=Part("micro", "recall", seq_len=64, batch_size=16, max_steps=1500, lr=1e-3, warmup_steps=50,
-                    eval_every=250, eval_batches=4, kv_heads=1, window=16, n_layer=2),
+                    eval_every=250, eval_batches=4, kv_heads=1, window=16, n_layer=2, workers=2),
         seeds=3, recall_eval_rows=256, decode_preset="nano", decode_contexts=(256, 512, 1024, 2048, 4096, 8192),
-        decode_tokens=32, device="cpu", workers=2,
+        decode_tokens=32, device="cpu",
     ),
     # GPT-2 124M on Shakespeare: 15 runs of 19.7M tokens, about 2.4e17 FLOP: about 10 minutes on one H100 at 40% MFU
     # (30 on an A100), plus a few minutes of recall runs, measurement and decoding. An estimate: not yet run.
@@ -95,7 +94,7 @@ BUDGETS: dict[str, Budget] = {
         recall=Part("micro", "recall", seq_len=256, batch_size=32, max_steps=3000, lr=1e-3, warmup_steps=100,
                     eval_every=500, eval_batches=4, kv_heads=1, window=64, n_layer=2),
         seeds=3, recall_eval_rows=1024, decode_preset="gpt2",
-        decode_contexts=(1024, 2048, 4096, 8192, 16384, 32768), decode_tokens=128, device="cuda", workers=1,
+        decode_contexts=(1024, 2048, 4096, 8192, 16384, 32768), decode_tokens=128, device="cuda",
     ),
 }  # fmt: skip
 

@@ -75,8 +75,8 @@ def lm_section(summary: dict[str, dict], budget: Budget) -> list[str]:
         "## 4. Language modelling",
         "",
         f"{describe(part).capitalize()}, {budget.seeds} seeds per variant. GQA: {part.kv_heads} K/V heads, "
-        f"window {part.window}. Losses in nats per token; ± is half the range over seeds. Training tokens/s are with "
-        f"{budget.workers} runs sharing the machine.",
+        f"window {part.window}. Losses in nats per token; ± is half the range over seeds. Training tokens/s are of "
+        f"{part.workers} run(s) at a time on the machine.",
         "",
         "| variant | params | train loss | val loss | tokens/s (train) | peak mem (MiB) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -120,10 +120,12 @@ def write_report(
     lines = [
         "# Variant study: what rotary positions, grouped-query attention and sliding windows do",
         "",
-        f"Made by `{about['command']}` on {about['date']}, {about['machine']}: budget `{about['budget_name']}`, "
-        f"{about['total_s'] / 60:.1f} minutes in all ({about['train_s'] / 60:.1f} of them training, "
-        f"{budget.workers} runs at a time). Every run trains through train.py; its command, log and metrics are under "
-        "runs/. results.json holds every number below.",
+        f"Made by `{about['command']}` on {about['date']}, {about['machine']}: budget `{about['budget_name']}`. "
+        f"This invocation took {about['total_s'] / 60:.1f} minutes ({about['train_s'] / 60:.1f} training the runs it "
+        f"did not find complete, the rest measuring); the runs' own training times add up to "
+        f"{about['runs_s'] / 60:.1f} minutes (language models one at a time, recall runs {budget.recall.workers} at a "
+        "time). Every run trains through train.py; its command, log and metrics are under runs/. results.json holds "
+        "every number below.",
         "",
         "Variants: **base** (GPT-2: learned positions, multi-head, full causal attention), **rope** (rotary "
         "positions), **gqa** (fewer K/V heads), **swa** (sliding-window attention), **all** (the three together).",

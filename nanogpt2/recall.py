@@ -40,29 +40,37 @@ def min_length(pairs: int = RECALL_PAIRS) -> int:
 
 
 def recall_sequence(
-    length: int, rng: np.random.Generator, pairs: int = RECALL_PAIRS, questions: int | None = None
+    length: int,
+    rng: np.random.Generator,
+    pairs: int = RECALL_PAIRS,
+    questions: int | None = None,
+    distinct: bool = False,
 ) -> tuple[np.ndarray, ...]:
-    """One sequence of length + 1 tokens (x is [:-1], y [1:]), its targets (length,), and the distances (length,).
+    """One sequence: its tokens (length + 1,: x is [:-1]), targets (length,) and distances (length,).
 
     targets[p] is the answer the model must emit after reading the question at p, -1 elsewhere; distances[p] is p
     minus the position of the pair asked about, -1 elsewhere. Pairs fill positions 0 .. pairs - 1; questions (question
     token, answer token) sit at pairs + 2s, never overlapping. `questions`: how many (None: drawn between `pairs` and
-    every slot, so training sees sparse and dense sequences alike; the study measures with `pairs`, so that distances
-    span the length).
+    every slot, so training sees sparse and dense sequences alike). `distinct`: ask each key at most once, so the
+    pair is the only place the answer stood before (the study measures this way: an earlier answer to the same key
+    inside a window would otherwise count as recall from beyond it).
     """
     slots = (length - pairs) // 2
     if not 1 <= pairs <= N_KEYS or length < min_length(pairs):
         raise ValueError(f"a recall sequence of {length} tokens has no room for {pairs} pairs and their questions")
     if questions is None:
         questions = int(rng.integers(pairs, slots + 1))
-    elif not pairs <= questions <= slots:
+    elif not 1 <= questions <= (pairs if distinct else slots):
         raise ValueError(f"{questions} questions do not fit a recall sequence of {length} tokens with {pairs} pairs")
     keys = rng.choice(N_KEYS, size=pairs, replace=False)  # (pairs,) distinct
     values = rng.integers(0, N_VALUES, size=pairs)  # (pairs,)
     tokens = np.full(length + 1, FILLER, dtype=np.int64)
     tokens[:pairs] = PAIR0 + keys * N_VALUES + values
     where = pairs + 2 * np.sort(rng.choice(slots, size=questions, replace=False))  # (questions,) question positions
-    asked = rng.integers(0, pairs, size=questions)  # which pair each question asks about, with replacement
+    if distinct:  # which pair each question asks about
+        asked = rng.choice(pairs, size=questions, replace=False)
+    else:
+        asked = rng.integers(0, pairs, size=questions)
     tokens[where], tokens[where + 1] = KEY0 + keys[asked], VALUE0 + values[asked]
     targets = np.full(length, -1, dtype=np.int64)
     distances = np.full(length, -1, dtype=np.int64)
@@ -78,18 +86,19 @@ def recall_batch(
     split: int,
     pairs: int = RECALL_PAIRS,
     questions: int | None = None,
+    distinct: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sequences first .. first + rows - 1 of a split (0 train, 1 val): x, y and distances, each (rows, length).
 
-    y is -1 except at answers; distances and questions as in recall_sequence. Sequence i is drawn from (seed, split,
-    i) alone.
+    y is -1 except at answers; distances, questions and distinct as in recall_sequence. Sequence i is drawn from
+    (seed, split, i) alone.
     """
     x = np.empty((rows, length), dtype=np.int64)
     y = np.empty((rows, length), dtype=np.int64)
     d = np.empty((rows, length), dtype=np.int64)
     for r in range(rows):
         rng = np.random.default_rng([seed, split, first + r])
-        tokens, y[r], d[r] = recall_sequence(length, rng, pairs, questions)
+        tokens, y[r], d[r] = recall_sequence(length, rng, pairs, questions, distinct)
         x[r] = tokens[:-1]
     return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(d)
 

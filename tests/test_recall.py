@@ -58,7 +58,7 @@ def test_answers_sit_at_the_queries_and_name_their_pairs_values(length):
             pair = xr[p - dr[p]]  # the pair asked about: one token naming its key and value
             assert xr[p] in KEYS and yr[p] in VALUES and 0 <= p - dr[p] < RECALL_PAIRS
             assert (pair - PAIR0) // N_VALUES == xr[p] - KEY0 and (pair - PAIR0) % N_VALUES == yr[p] - VALUE0
-            assert p + 1 == length or xr[p + 1] == yr[p]  # x shifted by one: the answer follows its question
+            assert xr[p + 1] == yr[p]  # the answer follows its question
         keys = [(t - PAIR0) // N_VALUES for t in xr[:RECALL_PAIRS]]
         assert len(set(keys)) == RECALL_PAIRS  # the pairs' keys are distinct, so each question has one answer
 
@@ -74,6 +74,12 @@ def test_questions_ask_with_replacement_and_reach_far_back():
     assert repeats > 32  # most sequences ask some key twice
     counts = (recall_batch(0, 64, 64, seed=1, split=0)[1] >= 0).sum(dim=1)  # training: sparse to dense
     assert counts.min() < 12 and counts.max() > 20
+    x, y, d = recall_batch(0, 64, 64, seed=1, split=1, questions=4, distinct=True)  # how the study measures
+    for row, targets in zip(x, y, strict=True):
+        asked = row[targets >= 0].tolist()
+        assert len(asked) == 4 and len(set(asked)) == 4  # each key once: the pair is the answer's only source
+    with pytest.raises(ValueError, match="9 questions do not fit"):
+        recall_batch(0, 1, 64, seed=0, split=0, questions=RECALL_PAIRS + 1, distinct=True)
     with pytest.raises(ValueError, match="29 questions do not fit"):
         recall_batch(0, 1, 64, seed=0, split=0, questions=29)
 

@@ -10,6 +10,7 @@ from helpers import REPO, assert_bad_input, run_cli
 
 from nanogpt2.study.__main__ import main as study_main
 from nanogpt2.study.plan import BUDGETS, DECODE_VARIANTS, VARIANTS, plan_runs
+from nanogpt2.study.report import accuracy_between, reach, recall_reading
 
 
 def run_module(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -107,6 +108,45 @@ def test_study_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
     assert not (tmp_path / "study").exists()
     if "mamba" in args:
         assert_bad_input(run_module("nanogpt2.study", *argv), message)
+
+
+def test_study_out_naming_a_file_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    code = study_main(["--budget", "toy", "--out", str(tmp_path / "f")])
+    captured = capsys.readouterr()
+    assert_bad_input(subprocess.CompletedProcess([], code, captured.out, captured.err), "is a file, not a directory")
+
+
+def windowed_run(inside: float, band: float, beyond: float) -> dict:
+    """A recall result at the training length 64 with a window of 16 over 2 layers, accuracies per distance band."""
+    bins = [{"distance": d, "accuracy": inside if d < 16 else band if d < 32 else beyond, "questions": 100}
+            for d in range(0, 64, 8)]  # fmt: skip
+    config = {"window": 16, "n_layer": 2, "pos_emb": "learned"}
+    return {"recall": {"1x": {"accuracy": 0.5, "bin_width": 8, "bins": bins}, "2x": None}, "config": config}
+
+
+@pytest.mark.parametrize(
+    "accuracies, verdict",
+    [
+        ((1.0, 0.06, 0.06), "recall stops at the window; 2 layers do not carry the pairs further"),
+        ((1.0, 0.95, 0.06), "the layers relay what the window cannot see"),
+        ((1.0, 0.4, 0.06), "the layers relay a little of what the window cannot see"),
+        ((0.07, 0.06, 0.06), "it does not recall reliably even inside its window"),  # never learnt: no relay claimed
+    ],
+)
+def test_recall_reading_says_where_a_window_stops(accuracies, verdict):
+    line = recall_reading({"swa": windowed_run(*accuracies)}, BUDGETS["cpu"])[0]
+    assert line.endswith(f"{verdict}; learned positions end at the training length.")
+    assert "from 16 to L x (W - 1) = 30 (reachable only by relaying)" in line
+
+
+def test_accuracy_between_and_reach_count_questions_not_bins():
+    at = {"bin_width": 8, "bins": [{"distance": 0, "accuracy": 1.0, "questions": 300},
+                                   {"distance": 8, "accuracy": 0.5, "questions": 100},
+                                   {"distance": 16, "accuracy": 0.0, "questions": 100}]}  # fmt: skip
+    assert accuracy_between(at, 0, 16) == pytest.approx(350 / 400)
+    assert accuracy_between(at, 16) == 0.0 and accuracy_between(at, 24) is None
+    assert reach(at) == 8 and reach(at, floor=0.4) == 16 and reach({**at, "bins": at["bins"][:1]}) is None
 
 
 def test_plot_cli_draws_runs(tmp_path):

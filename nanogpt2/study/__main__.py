@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from nanogpt2.plot import import_pyplot
 from nanogpt2.study.measure import decode_speed, measure_run
 from nanogpt2.study.plan import BUDGETS, DECODE_VARIANTS, VARIANTS, check_budget, plan_runs, train_command
 from nanogpt2.study.report import plot_decode, plot_loss, plot_recall, summarize_lm
@@ -72,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: budget {args.budget} needs a CUDA device and none is available", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()  # train.py runs from the repository root
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {args.out} is a file, not a directory", file=sys.stderr)
+        return 2
+    try:
+        import_pyplot()  # the plots come after all the training: fail now, not then
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     variants = ["base", *[v for v in VARIANTS if v in args.variants and v != "base"]]  # the baseline always runs
     t0 = time.perf_counter()
     runs = plan_runs(budget, variants)
@@ -96,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             lm.setdefault(run.variant, []).append(record)
         else:
             recall[run.name] = record
+    (out / "results.json").write_text(json.dumps({"lm": lm, "recall": recall}, indent=1))  # kept if decoding fails
     print("[study] timing decoding", flush=True)
     decode = {v: decode_speed(budget, v) for v in DECODE_VARIANTS if v in variants}
     total_s = time.perf_counter() - t0

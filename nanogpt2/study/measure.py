@@ -19,8 +19,12 @@ from nanogpt2.recall import RECALL_PAIRS, recall_batch
 from nanogpt2.sample import KVCache
 from nanogpt2.study.plan import Budget, Part, variant_flags
 
+PREFILL_CHUNK = 1024  # prompt tokens per forward pass when filling the cache for the decoding benchmark
 RECALL_EVAL_SEED = 12345  # val split sequences of this seed: the same questions for every model
 EVAL_ROWS = 32  # sequences per forward pass when measuring recall
+# Distinct keys asked per measured sequence: the pair is each answer's only source, and with half the keys asked,
+# which keys are left says little about the answer.
+EVAL_QUESTIONS = RECALL_PAIRS // 2
 
 
 def autocast(part: Part, device: str):
@@ -95,11 +99,12 @@ def recall_accuracy(model: GPT, part: Part, budget: Budget) -> dict[str, dict | 
         correct, total = torch.zeros(length // bin_width + 1), torch.zeros(length // bin_width + 1)
         for first in range(0, rows, EVAL_ROWS):
             n = min(EVAL_ROWS, rows - first)
-            x, y, d = recall_batch(first, n, length, RECALL_EVAL_SEED, split=1, questions=RECALL_PAIRS)
+            x, y, d = recall_batch(first, n, length, RECALL_EVAL_SEED, 1, questions=EVAL_QUESTIONS, distinct=True)
             with autocast(part, budget.device):
                 logits, _ = model(x.to(budget.device))  # (B, length, vocab)
             asked = y >= 0
-            right = (logits.argmax(-1).cpu() == y)[asked].float()  # (questions,)
+            answers = logits[..., : model.config.vocab_size].argmax(-1).cpu()  # padding columns are no tokens
+            right = (answers == y)[asked].float()  # (questions,)
             bins = d[asked] // bin_width
             correct.index_add_(0, bins, right)
             total.index_add_(0, bins, torch.ones_like(right))
@@ -153,7 +158,8 @@ def decode_speed(budget: Budget, variant: str) -> list[dict]:
     for context in budget.decode_contexts:
         prompt = torch.randint(0, config.vocab_size, (1, context), device=device)
         cache = KVCache(config, 1, context + budget.decode_tokens, dtype, device)
-        logits, _ = model(prompt, kv_cache=cache)
+        for start in range(0, context, PREFILL_CHUNK):  # in chunks: a (T, T) mask over 32k tokens would not fit
+            logits, _ = model(prompt[:, start : start + PREFILL_CHUNK], kv_cache=cache)
         token = logits[:, -1:, : config.vocab_size].argmax(-1)  # (1, 1)
         step_s = []
         for _ in range(budget.decode_tokens):

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanogpt2.model import PRESETS
+from nanogpt2.model import GPTConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,11 +48,11 @@ class Part:
 
     @property
     def layers(self) -> int:
-        return self.n_layer or PRESETS[self.preset].get("n_layer", 12)
+        return self.n_layer or GPTConfig.from_preset(self.preset).n_layer
 
     @property
     def heads(self) -> int:
-        return PRESETS[self.preset].get("n_head", 12)
+        return GPTConfig.from_preset(self.preset).n_head
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,14 @@ BUDGETS: dict[str, Budget] = {
                 eval_every=40, eval_batches=4, kv_heads=2, window=64, dtype="bfloat16"),
         recall=Part("micro", "recall", seq_len=64, batch_size=16, max_steps=1500, lr=1e-3, warmup_steps=50,
                     eval_every=250, eval_batches=4, kv_heads=1, window=16, n_layer=2, workers=2),
-        seeds=3, recall_eval_rows=256, decode_preset="nano", decode_contexts=(256, 512, 1024, 2048, 4096, 8192),
+        seeds=3, recall_eval_rows=512, decode_preset="nano", decode_contexts=(256, 512, 1024, 2048, 4096, 8192),
         decode_tokens=32, device="cpu",
     ),
-    # GPT-2 124M on Shakespeare: 15 runs of 19.7M tokens, about 2.4e17 FLOP: about 10 minutes on one H100 at 40% MFU
-    # (30 on an A100), plus a few minutes of recall runs, measurement and decoding. An estimate: not yet run.
+    # GPT-2 124M on Shakespeare: 15 runs of 6.6M tokens (4.7 epochs of its 1.4M), about 8e16 FLOP: about 4 minutes on
+    # one H100 at 40% MFU (12 on an A100), plus about 10 of recall runs, measurement and decoding. An estimate: not run.
     "gpu": Budget(
-        lm=Part("gpt2", "shakespeare", seq_len=1024, batch_size=32, max_steps=600, lr=1.2e-3, warmup_steps=60,
-                eval_every=50, eval_batches=20, kv_heads=4, window=256, dtype="bfloat16"),
+        lm=Part("gpt2", "shakespeare", seq_len=1024, batch_size=32, max_steps=200, lr=1.2e-3, warmup_steps=20,
+                eval_every=25, eval_batches=4, kv_heads=4, window=256, dtype="bfloat16"),
         recall=Part("micro", "recall", seq_len=256, batch_size=32, max_steps=3000, lr=1e-3, warmup_steps=100,
                     eval_every=500, eval_batches=4, kv_heads=1, window=64, n_layer=2),
         seeds=3, recall_eval_rows=1024, decode_preset="gpt2",

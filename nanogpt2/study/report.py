@@ -1,4 +1,5 @@
-"""The study's report: summary tables, a reading in plain words made from the numbers, and the plots."""
+"""The study's numbers in words and pictures: summaries over seeds, the reading sentences, and the plots (report_text.py
+assembles the README)."""
 
 from __future__ import annotations
 
@@ -81,9 +82,15 @@ def accuracy_between(at_length: dict, lo: int, hi: int | None = None) -> float |
     return sum(b["accuracy"] * b["questions"] for b in bins) / questions if questions else None
 
 
+def times(length_key: str) -> int:
+    """The multiple of the training length a key of the measurements names: "4x" -> 4."""
+    return int(length_key.rstrip("x"))
+
+
 def recall_reading(recall: dict[str, dict], budget: Budget) -> list[str]:
     """Per recall run, in words: how well it recalls at the training length, and for windowed runs whether anything
-    gets past the window (a window W over L layers could relay up to L x W back)."""
+    gets past the window. A query sees keys less than W back; over L layers information can travel at most
+    L x (W - 1) back, so the band from W to L x (W - 1) is where only relaying between layers can answer."""
     T = budget.recall.seq_len
     lines = []
     for name, run in recall.items():
@@ -91,29 +98,31 @@ def recall_reading(recall: dict[str, dict], budget: Budget) -> list[str]:
         text = f"- **{name}**: accuracy {at_T['accuracy']:.2f} at the training length {T}"
         window = c["window"]
         if window is not None and window < T:
-            inside, beyond = accuracy_between(at_T, 0, window), accuracy_between(at_T, window)
-            relay = c["n_layer"] * window
-            text += f"; {fmt(inside, '.2f')} at distances below its window of {window}, "
-            text += f"{fmt(beyond, '.2f')} from {window} on"
-            if relay < T:
-                text += f", {fmt(accuracy_between(at_T, relay), '.2f')} from L x W = {relay} on"
-            if inside is not None and beyond is not None:
-                relayed = beyond >= GOOD or (inside > 0 and beyond >= 0.5 * inside)
-                text += (
-                    ": the layers relay what the window cannot see"
-                    if relayed
-                    else f": recall stops at the window; {c['n_layer']} layers do not carry the pairs further"
-                )
+            relay = c["n_layer"] * (window - 1)
+            inside, band = accuracy_between(at_T, 0, window), accuracy_between(at_T, window, relay + 1)
+            text += f"; {fmt(inside, '.2f')} at distances below its window of {window}"
+            text += f", {fmt(band, '.2f')} from {window} to L x (W - 1) = {relay} (reachable only by relaying)"
+            if relay + 1 < T:
+                text += f", {fmt(accuracy_between(at_T, relay + 1), '.2f')} beyond"
+            if inside is None or inside < GOOD:
+                text += ": it does not recall reliably even inside its window"
+            elif band is not None and band >= GOOD:
+                text += ": the layers relay what the window cannot see"
+            elif band is not None and band >= 2 * CHANCE:
+                text += ": the layers relay a little of what the window cannot see"
+            elif band is not None:
+                text += f": recall stops at the window; {c['n_layer']} layers do not carry the pairs further"
         else:
             stop = reach(at_T)
             text += (
                 f"; at or above {GOOD} at every distance" if stop is None else
-                f"; below {GOOD} from distance {stop} on" if stop > 0 else f"; below {GOOD} at every distance"
+                f"; below {GOOD} at every distance" if stop == at_T["bins"][0]["distance"] else
+                f"; below {GOOD} from distance {stop} on"
             )  # fmt: skip
         longer = [k for k in list(run["recall"])[1:] if run["recall"][k] is not None]
         if longer:
             text += "; past the training length: " + ", ".join(
-                f"{run['recall'][k]['accuracy']:.2f} at {int(k[:-1]) * T}" for k in longer
+                f"{run['recall'][k]['accuracy']:.2f} at {times(k) * T}" for k in longer
             )
         elif c["pos_emb"] == "learned":
             text += "; learned positions end at the training length"
@@ -126,16 +135,16 @@ def length_reading(table: dict[str, dict], seq_len: int) -> list[str]:
     lines = []
     for variant, row in table.items():
         at = {k: v for k, v in row["val_loss_at"].items() if v is not None}
-        longest = max(at, key=lambda k: int(k[:-1]))
+        longest = max(at, key=times)
         if longest == "1x":
             lines.append(f"- **{variant}**: learned positions end at the training context ({seq_len}): no longer rows.")
             continue
         first, last = at["1x"][0], at[longest][0]
-        steps = ", ".join(f"{at[k][0]:.3f} at {int(k[:-1]) * seq_len}" for k in at)
+        steps = ", ".join(f"{at[k][0]:.3f} at {times(k) * seq_len}" for k in at)
         change = (last - first) / first
         verdict = "holds" if abs(change) <= 0.02 else "rises" if change > 0 else "falls"
         lines.append(f"- **{variant}**: {steps}: the loss {verdict} ({change:+.1%}) from {seq_len} to "
-                     f"{int(longest[:-1]) * seq_len} tokens.")  # fmt: skip
+                     f"{times(longest) * seq_len} tokens.")  # fmt: skip
     return lines
 
 
@@ -199,7 +208,7 @@ def plot_recall(recall: dict[str, dict], budget: Budget, out: Path) -> None:
         ax.grid(alpha=0.3)
     T = budget.recall.seq_len
     left.set_title(f"at the training length ({T} tokens); dotted: windows {windows}")
-    right.set_title(f"at {longest.rstrip('x')} x the training length ({int(longest.rstrip('x')) * T} tokens)")
+    right.set_title(f"at {times(longest)} x the training length ({times(longest) * T} tokens)")
     left.legend(fontsize=8)
     right.legend(fontsize=8)
     save(fig, plt, out)

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanogpt2.recall import N_VALUES, RECALL_PAIRS
+from nanogpt2.recall import RECALL_PAIRS
+from nanogpt2.study.measure import EVAL_QUESTIONS
 from nanogpt2.study.plan import Budget, Part
-from nanogpt2.study.report import GOOD, decode_reading, fmt, length_reading, lm_reading, reach, recall_reading
+from nanogpt2.study.report import (
+    CHANCE,
+    GOOD,
+    decode_reading,
+    fmt,
+    length_reading,
+    lm_reading,
+    reach,
+    recall_reading,
+    times,
+)
 
 
 def describe(part: Part) -> str:
@@ -27,13 +38,14 @@ def recall_section(recall: dict[str, dict], budget: Budget) -> list[str]:
         f"Multi-query associative recall (`--data recall`, nanogpt2/recall.py): {RECALL_PAIRS} key-value pairs open "
         "each sequence, each pair one token naming its key and value, then questions (a key; the model must emit its "
         "value) at random places later on, filler between; only the answers are scored. Distance is the number of "
-        f"positions from the pair to the question. Each run: {describe(part)}, one seed. Accuracy over "
-        f"{budget.recall_eval_rows} held-out sequences of {RECALL_PAIRS} questions at the training length (k times as "
-        f"many at k times the length), chance {1 / N_VALUES:.3f}. *Reach*: the distance from which accuracy stays "
-        f"below {GOOD} (none: it never drops). Learned positions cannot run past the training length: n/a.",
+        f"positions from the pair to the question. Each run: {describe(part)}, one seed. Measured on "
+        f"{budget.recall_eval_rows} held-out sequences at the training length (k times as many at k times the "
+        f"length), each asking {EVAL_QUESTIONS} distinct keys, so the pair is the only place an answer stood before; "
+        f"chance {CHANCE:.3f}. *Reach*: the distance from which accuracy stays below {GOOD} (none: it never drops). "
+        "Learned positions cannot run past the training length: n/a.",
         "",
         "| run | positions | K/V heads | window | layers | "
-        + " | ".join(f"accuracy @ {int(k[:-1]) * part.seq_len}" for k in lengths)
+        + " | ".join(f"accuracy @ {times(k) * part.seq_len}" for k in lengths)
         + f" | reach @ {part.seq_len} |",
         "| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in lengths) + " | ---: |",
     ]
@@ -59,7 +71,7 @@ def length_section(summary: dict[str, dict], budget: Budget) -> list[str]:
         f"training context ({part.seq_len}); mean ± half the range over seeds. Learned positions stop at the "
         "training context (the position table ends there): n/a. Recall at longer lengths is in section 1's table.",
         "",
-        "| variant | " + " | ".join(f"val loss @ {int(k[:-1]) * part.seq_len}" for k in lengths) + " |",
+        "| variant | " + " | ".join(f"val loss @ {times(k) * part.seq_len}" for k in lengths) + " |",
         "| --- | " + " | ".join("---:" for _ in lengths) + " |",
     ]
     for variant, row in summary.items():
@@ -99,7 +111,9 @@ def decode_section(decode: dict[str, list[dict]], budget: Budget) -> list[str]:
         "",
         f"One sequence, one new token per step through the KV cache after a prompt of each length; the median of "
         f"{budget.decode_tokens} steps. Untrained `{budget.decode_preset}` models sized to the longest context (speed "
-        "does not depend on the weights). Cache: the bytes the K and V buffers hold.",
+        "does not depend on the weights). Cache: the bytes the K and V buffers hold after the steps, in the model's "
+        f"dtype ({'float32 on a CPU' if budget.device == 'cpu' else 'bfloat16'}): context + {budget.decode_tokens} "
+        "positions with full attention, the window's with a sliding window.",
         "",
         "| context | " + " | ".join(f"{v} tokens/s" for v in variants) + " | "
         + " | ".join(f"{v} cache MiB" for v in variants) + " |",

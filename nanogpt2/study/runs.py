@@ -10,11 +10,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nanogpt2.config import MODEL_FIELDS
 from nanogpt2.study.plan import REPO
 
 
 def made_by(run_dir: Path, cmd: list[str]) -> bool:
-    """Whether the run in run_dir was started by this train.py command line (wherever its directory now is)."""
+    """Whether the run in run_dir was started by this train.py command line (wherever its directory now is): every
+    flag given as recorded, and every model flag not given left at its default (unset)."""
     try:
         recorded = json.loads((run_dir / "run.json").read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -22,7 +24,10 @@ def made_by(run_dir: Path, cmd: list[str]) -> bool:
     flags = cmd[2:]
     wanted = {flags[i][2:].replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
     wanted.pop("out_dir")
-    return all(str(recorded.get(name)) == value for name, value in wanted.items())
+    unset = [name for name in MODEL_FIELDS if name not in wanted]
+    return all(str(recorded.get(name)) == value for name, value in wanted.items()) and all(
+        recorded.get(name) is None for name in unset
+    )
 
 
 def is_complete(run_dir: Path, cmd: list[str]) -> bool:

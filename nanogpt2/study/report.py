@@ -66,7 +66,7 @@ def lm_reading(table: dict[str, dict]) -> list[str]:
         direction = "lower (better)" if diff < 0 else "higher (worse)"
         lines.append(
             f"- **{variant}**: val loss {row['val_loss']:.3f} vs {base['val_loss']:.3f}, {abs(diff):.3f} {direction}; "
-            f"{against}. Training speed {row['tokens_per_s'] / base['tokens_per_s']:.2f}x the baseline's."
+            f"{against}."
         )
     return lines
 
@@ -202,9 +202,7 @@ def plot_recall(recall: dict[str, dict], budget: Budget, out: Path) -> None:
         for w in windows:
             ax.axvline(w, color="grey", ls=":", lw=1)
         ax.axhline(CHANCE, color="black", lw=0.5)
-        ax.set(
-            xlabel="distance from the pair's key to the query (tokens)", ylabel="recall accuracy", ylim=(-0.02, 1.02)
-        )
+        ax.set(xlabel="distance from the pair to the question (tokens)", ylabel="recall accuracy", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
     T = budget.recall.seq_len
     left.set_title(f"at the training length ({T} tokens); dotted: windows {windows}")

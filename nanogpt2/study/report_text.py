@@ -87,8 +87,9 @@ def lm_section(summary: dict[str, dict], budget: Budget) -> list[str]:
         "## 4. Language modelling",
         "",
         f"{describe(part).capitalize()}, {budget.seeds} seeds per variant. GQA: {part.kv_heads} K/V heads, "
-        f"window {part.window}. Losses in nats per token; ± is half the range over seeds. Training tokens/s are of "
-        f"{part.workers} run(s) at a time on the machine.",
+        f"window {part.window}. Losses in nats per token; ± is half the range over seeds. Training tokens/s are "
+        "as each run measured them, with whatever else the machine ran at the time (a rerun reuses finished runs, so "
+        "they can come from different sessions): compare speeds with bench/, not here.",
         "",
         "| variant | params | train loss | val loss | tokens/s (train) | peak mem (MiB) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

@@ -204,6 +204,16 @@ class ShuffledWindows:
         return shard, int(self._windows_in(epoch, shard)[i - cumulative[j]]) * self.seq_len
 
 
+def check_micro_batch(rows: int, seq_len: int, rank: int, world_size: int) -> None:
+    """DataError unless `rows` sequences of seq_len tokens split evenly over the ranks and `rank` is one of them."""
+    if rows < 1 or seq_len < 1:
+        raise DataError(f"batch rows ({rows}) and seq_len ({seq_len}) must be positive")
+    if rows % world_size != 0:
+        raise DataError(f"{rows} rows per micro-batch do not split evenly across {world_size} ranks")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world size {world_size}")
+
+
 class BatchLoader:
     """(x, y) micro-batches of shape (rows // world_size, seq_len), int64, from a token stream.
 
@@ -231,12 +241,7 @@ class BatchLoader:
         order: str = "sequential",
         seed: int = 0,
     ):
-        if rows < 1 or seq_len < 1:
-            raise DataError(f"batch rows ({rows}) and seq_len ({seq_len}) must be positive")
-        if rows % world_size != 0:
-            raise DataError(f"{rows} rows per micro-batch do not split evenly across {world_size} ranks")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world size {world_size}")
+        check_micro_batch(rows, seq_len, rank, world_size)
         if order not in DATA_ORDERS:
             raise DataError(f"data order {order!r} is not one of {', '.join(DATA_ORDERS)}")
         self.stream, self.rows, self.seq_len = stream, rows, seq_len

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nanogpt2.data import DataError
+from nanogpt2.data import DataError, check_micro_batch
 
 RECALL_DATA = "recall"  # the --data value
 RECALL_PAIRS = 8
@@ -115,12 +115,7 @@ class RecallLoader:
     batches_per_epoch = None
 
     def __init__(self, rows: int, seq_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, split: int = 0):
-        if rows < 1 or seq_len < 1:
-            raise DataError(f"batch rows ({rows}) and seq_len ({seq_len}) must be positive")
-        if rows % world_size != 0:
-            raise DataError(f"{rows} rows per micro-batch do not split evenly across {world_size} ranks")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world size {world_size}")
+        check_micro_batch(rows, seq_len, rank, world_size)
         if seq_len < min_length():  # the pairs, then room for a (question, answer) per pair
             raise DataError(
                 f"--data {RECALL_DATA} needs --seq-len of at least {min_length()} ({RECALL_PAIRS} key-value pairs "

@@ -39,6 +39,13 @@ def reaches(model: GPT, length: int) -> bool:
     return model.config.pos_emb == "rope" or length <= model.config.block_size
 
 
+def lengths_reached(model: GPT, part: Part, budget: Budget):
+    """(key, k, length) for each evaluation length k x seq_len, with length None where the model cannot run it."""
+    for k in budget.lengths:
+        length = k * part.seq_len
+        yield f"{k}x", k, length if reaches(model, length) else None
+
+
 def training_record(run_dir: Path) -> dict:
     """What train.py recorded: losses, tokens, speed, memory, and the val curve."""
     metrics = read_metrics(run_dir)
@@ -66,10 +73,9 @@ def lm_losses(model: GPT, part: Part, budget: Budget, seed: int) -> dict[str, fl
     corpus = open_corpus(part.data, vocab_size=model.config.vocab_size, seed=seed)  # seed: synthetic data's tokens
     eval_tokens = part.batch_size * part.seq_len
     out = {}
-    for k in budget.lengths:
-        length = k * part.seq_len
-        if not reaches(model, length):
-            out[f"{k}x"] = None
+    for key, _, length in lengths_reached(model, part, budget):
+        if length is None:
+            out[key] = None
             continue
         loader = BatchLoader(corpus.val, rows=max(1, eval_tokens // length), seq_len=length,
                              vocab_size=model.config.vocab_size)  # fmt: skip
@@ -78,7 +84,7 @@ def lm_losses(model: GPT, part: Part, budget: Budget, seed: int) -> dict[str, fl
             x, y = loader.next_batch()
             with autocast(part, budget.device):
                 losses.append(model(x.to(budget.device), y.to(budget.device))[1].item())
-        out[f"{k}x"] = statistics.fmean(losses)
+        out[key] = statistics.fmean(losses)
     return out
 
 
@@ -90,10 +96,9 @@ def recall_accuracy(model: GPT, part: Part, budget: Budget) -> dict[str, dict | 
     """
     bin_width = max(1, part.window // 2)
     out = {}
-    for k in budget.lengths:
-        length = k * part.seq_len
-        if not reaches(model, length):
-            out[f"{k}x"] = None
+    for key, k, length in lengths_reached(model, part, budget):
+        if length is None:
+            out[key] = None
             continue
         rows = budget.recall_eval_rows * k
         correct, total = torch.zeros(length // bin_width + 1), torch.zeros(length // bin_width + 1)
@@ -109,7 +114,7 @@ def recall_accuracy(model: GPT, part: Part, budget: Budget) -> dict[str, dict | 
             correct.index_add_(0, bins, right)
             total.index_add_(0, bins, torch.ones_like(right))
         seen = total > 0
-        out[f"{k}x"] = {
+        out[key] = {
             "accuracy": (correct.sum() / total.sum()).item(),
             "bin_width": bin_width,
             "bins": [  # the first distance of each bin, its accuracy and its number of questions

@@ -3,6 +3,7 @@
 # H100/H200 (bench/README.md says what each step does and what to do with the results):
 #   bash bench/gpu_check.sh [RESULTS_DIR]             # default gpu-results/; run from the repository root
 #   bash bench/gpu_check.sh --dry-run [RESULTS_DIR]   # on CPU: every step on tiny shapes, Triton's interpreter
+#   GPU_CHECK_BUDGET_S=400 GPU_CHECK_SKIP="configs" bash bench/gpu_check.sh   # a shorter rerun: budget, steps left out
 # Steps, in priority order, each under its own timeout (a failure is reported, never fatal): 1. machine and versions;
 # 2. wheels from .whl/ (the GPU machine has no network); 3. every autotune config of every attention kernel, forced
 # one at a time, against the reference (bench.configs); 4. the attention and RoPE test files; 5. benchmarks of every
@@ -19,7 +20,7 @@ mkdir -p "$RESULTS"
 SCRATCH=$(mktemp -d)  # wheels and training checkpoints: too big to bring back with the results
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION=1  # triton >= 3.9 warns when unset; fusion on, as on older versions
-BUDGET_S=540  # the whole script: 9 minutes (the dry run, on CPU, is given 30)
+BUDGET_S=${GPU_CHECK_BUDGET_S:-540}  # the whole script: 9 minutes unless set (the dry run, on CPU, is given 30)
 SUMMARY=()
 
 # train.py's flags, named only here (its CLI is being refactored: check `python train.py --help` when a step fails).
@@ -35,10 +36,13 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 # step NAME TIMEOUT_S CMD...: run CMD under min(TIMEOUT_S, time left), log to RESULTS/NAME.log (and the screen),
-# record the outcome; skipped when less than 10 s are left.
+# record the outcome; skipped when less than 10 s are left, or when GPU_CHECK_SKIP (names, space-separated) has NAME.
 step() {
   local name=$1 limit=$2; shift 2
   local left=$((BUDGET_S - SECONDS))
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    SUMMARY+=("$(printf '%-14s %-16s' "$name" "SKIPPED (asked)")"); return
+  fi
   if [ "$left" -lt 10 ]; then SUMMARY+=("$(printf '%-14s %-16s' "$name" "SKIPPED (time)")"); return; fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $name (timeout ${limit}s): $*"
@@ -82,7 +86,6 @@ done
 loss_deadline=$((BUDGET_S - SECONDS - 20))
 [ "$loss_deadline" -gt 60 ] && loss_deadline=60
 step loss 80 python -m bench.train_loss "${DRY[@]}" --deadline "$loss_deadline" --json "$RESULTS/train_loss.json"
-rm -rf "$SCRATCH"
 
 echo
 echo "=================================== VERDICT ==================================="
@@ -92,6 +95,7 @@ if [ "$DRY_RUN" = 0 ]; then
   step tests-rest 600 env NANOGPT2_AUTOTUNE=0 python -m pytest -x -q tests --ignore tests/test_attention.py \
     --ignore tests/test_rope.py
 fi
+rm -rf "$SCRATCH"  # last: tests-rest imports the wheels installed there
 echo "step           status           time"
 printf '%s\n' "${SUMMARY[@]}"
 echo "logs, JSON, summary.md (for BENCHMARKS.md) and defaults.json (fastest path): $RESULTS"

@@ -8,7 +8,8 @@ Attention (bf16, causal, forward and forward+backward), cases in priority order 
 Triton candidate (TMA or pointer loads; atomic or deterministic dQ) against F.scaled_dot_product_attention (the first
 backend among flash, cuDNN, efficient that runs, named in the row) and FlexAttention with causal / sliding-window
 block masks. TFLOP/s count only the visible (query, key) pairs: 4 * B * H * D * pairs forward, 2.5x that for the
-backward. The small cases are also timed as CUDA-graph replays (launch overhead removed). RoPE against the eager
+backward. The small cases' forwards are also timed as CUDA-graph replays (launch overhead removed; capturing a
+backward breaks the CUDA RNG's state for the rest of the process). RoPE against the eager
 reference, in GB/s of the bytes that must move, beside a measured device-to-device copy bandwidth. Every Triton
 result is checked against the first baseline's (max abs difference), so a fast but wrong path shows. Ratios are
 baseline ms / Triton ms (the fastest candidate): above 1, Triton is faster.
@@ -219,7 +220,7 @@ def bench_attention(cases: dict, bench: Bench, record: Callable[[dict], None], d
                 fn = runner(attn, (q, k, v), mode, (q, k, v), (dout,))
                 outputs[impl] = time_impl(row, impl, fn, flops, "tflops", bench)
             finish_row(row, outputs, list(baselines))
-            if name in GRAPH_CASES and "best" in row:
+            if name in GRAPH_CASES and mode == "fwd" and "best" in row:
                 for impl in (row["best"], *baselines):
                     try:
                         fn = runner(impls[impl], (q, k, v), mode, (q, k, v), (dout,))

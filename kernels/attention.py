@@ -133,7 +133,12 @@ def _autotune(kernel: str):
     configs = list(by_tile.values())
     if _utils.INTERPRET:  # the interpreter cannot autotune between configs
         configs = [by_tile[SMALL_TILES[kernel]]]
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
+    # Timing configs runs the kernel many times: the dK/dV kernel's fp32 atomic dQ accumulator must start each of
+    # those runs, and the real one after them, from zero (its preprocess kernel zeroes it only once).
+    reset = ["DQ_ACC"] if kernel == "dkdv" else None
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, reset_to_zero=reset
+    )
 
 
 @contextmanager
@@ -650,10 +655,11 @@ def _autograd_backward(ctx, do, _dlse):
 
 _flash_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
-# Defaults of the code-path switches until a GPU run measures which is faster (bench/gpu_check.sh records it);
-# NANOGPT2_ATTN_TMA=0 / NANOGPT2_ATTN_DETERMINISTIC=1 override them for a whole run.
-USE_TMA = os.environ.get("NANOGPT2_ATTN_TMA", "1") == "1"
-DETERMINISTIC = os.environ.get("NANOGPT2_ATTN_DETERMINISTIC", "1") == "1"
+# Defaults of the code-path switches, from bench/gpu_check.sh on an H200 (triton 3.6, 2026-11-28, BENCHMARKS.md):
+# pointer loads beat TMA descriptors (gpt2 forward 0.129 vs 0.310 ms) and atomic dQ beats its own kernel (fwd+bwd
+# 0.821 vs 1.105 ms). NANOGPT2_ATTN_TMA=1 / NANOGPT2_ATTN_DETERMINISTIC=1 override them for a whole run.
+USE_TMA = os.environ.get("NANOGPT2_ATTN_TMA", "0") == "1"
+DETERMINISTIC = os.environ.get("NANOGPT2_ATTN_DETERMINISTIC", "0") == "1"
 
 
 def flash_attention(

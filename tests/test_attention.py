@@ -46,8 +46,8 @@ def attention_and_grads(fn, q, k, v, dout, causal, window):
 
 CASES = [
     # (B, T, H, Hkv, D, causal, window, dtype, layout): every T/group/window/head-dim/dtype/layout case appears at
-    # least once; T mostly not a multiple of the block. "qkv" and "bhtd" views take the TMA path (16-byte strides),
-    # "offset" views (storage offset of one element) the pointer path.
+    # least once; T mostly not a multiple of the block. "qkv" and "bhtd" views allow the TMA path (16-byte strides),
+    # "offset" views (storage offset of one element) only the pointer path.
     (2, 1, 4, 4, 64, True, None, torch.float32, "contiguous"),
     (2, 17, 4, 2, 32, True, None, torch.bfloat16, "qkv"),
     (1, 113, 6, 2, 64, True, None, torch.float16, "offset"),
@@ -65,14 +65,17 @@ CASES = [
     (1, 4097, 1, 1, 32, True, 130, torch.float32, "contiguous"),
     (3, 1, 4, 1, 128, True, 7, torch.bfloat16, "bhtd"),
 ]
-# Each case also runs one of the two backward paths, alternating, so both see every kind of case.
-PATHS = [dict(deterministic=i % 2 == 0) for i in range(len(CASES))]
+# Each case also runs one of the four code paths (atomic or deterministic dQ, TMA or pointer loads), in turn, so each
+# sees most kinds of case (TMA falls back to pointers where strides forbid it, as for "offset" views).
+PATHS = [dict(deterministic=i % 2 == 0, tma=i % 4 < 2) for i in range(len(CASES))]
 
 
 @pytest.mark.parametrize(
     "B, T, H, Hkv, D, causal, window, dtype, layout, path",
     [(*case, path) for case, path in zip(CASES, PATHS, strict=True)],
-    ids=[f"{i}-{'det' if p['deterministic'] else 'atomic'}" for i, p in enumerate(PATHS)],
+    ids=[
+        f"{i}-{'tma' if p['tma'] else 'ptr'}+{'det' if p['deterministic'] else 'atomic'}" for i, p in enumerate(PATHS)
+    ],
 )
 def test_matches_reference(B, T, H, Hkv, D, causal, window, dtype, layout, path):
     q, k, v = make_qkv(B, T, H, Hkv, D, dtype, layout)

@@ -49,7 +49,7 @@ def test_study_writes_every_section_run_and_plot(toy_study):
     rope_8x = results["recall"]["rope"]["recall"]["8x"]
     assert 0 <= rope_8x["accuracy"] <= 1 and sum(b["questions"] for b in rope_8x["bins"]) > 0
     assert results["recall"]["gqa-kv1"]["config"]["n_kv_head"] == 1
-    assert results["recall"]["swa-w16-L4"]["config"]["n_layer"] == 4
+    assert results["recall"]["all-w16-L4"]["config"]["n_layer"] == 4
 
 
 def test_study_decoding_cache_stays_at_the_window(toy_study):

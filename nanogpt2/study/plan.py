@@ -3,7 +3,9 @@
 Two kinds of training run, both through train.py:
 - language modelling ("lm"): each variant on a text corpus, several seeds;
 - associative recall ("recall", nanogpt2/recall.py): each variant, plus the sweeps that explain it: K/V heads 1, 2 and
-  all; the window at W and W/2; the window at W over twice the layers (can layers relay what a window cannot see?).
+  all; for `all` (rotary positions with a window: the windowed model that learns recall in the CPU budget; with
+  learned positions a window slows learning down, see the report) the window at W and W/2, and at W over twice the
+  layers (can layers relay what a window cannot see?).
 """
 
 from __future__ import annotations
@@ -86,8 +88,9 @@ BUDGETS: dict[str, Budget] = {
         seeds=3, recall_eval_rows=512, decode_preset="nano", decode_contexts=(256, 512, 1024, 2048, 4096, 8192),
         decode_tokens=32, device="cpu",
     ),
-    # GPT-2 124M on Shakespeare: 15 runs of 6.6M tokens (4.7 epochs of its 1.4M), about 8e16 FLOP: about 4 minutes on
-    # one H100 at 40% MFU (12 on an A100), plus about 10 of recall runs, measurement and decoding. An estimate: not run.
+    # GPT-2 124M on Shakespeare: 15 runs of 6.6M tokens (4.7 epochs of its 1.4M): about 8 minutes on one H200 at the
+    # 205k tokens/s train.py measured there (eager bf16, 16.5% MFU; BENCHMARKS.md), plus about 10 of recall runs,
+    # measurement and decoding. An estimate from that throughput: the study itself has not run on a GPU.
     "gpu": Budget(
         lm=Part("gpt2", "shakespeare", seq_len=1024, batch_size=32, max_steps=200, lr=1.2e-3, warmup_steps=20,
                 eval_every=25, eval_batches=4, kv_heads=4, window=256, dtype="bfloat16"),
@@ -105,7 +108,7 @@ class Run:
 
     kind: str  # "lm" or "recall"
     variant: str  # the VARIANTS entry it belongs to
-    name: str  # base, gqa-kv1, swa-w16-L4, ...
+    name: str  # base, gqa-kv1, all-w16-L4, ...
     seed: int
     model_flags: tuple[tuple[str, str], ...]
 
@@ -131,12 +134,14 @@ def recall_runs(variant: str, part: Part) -> list[tuple[str, dict[str, str]]]:
     if variant == "gqa":  # the K/V-head sweep: 1, 2, ... up to all (= base)
         counts = sorted({1, 2, part.kv_heads} & set(range(1, part.heads)))
         return [(f"gqa-kv{n}", {**flags, "n_kv_head": str(n)}) for n in counts if part.heads % n == 0]
-    if variant == "swa":  # the window, half of it, and the window over twice the layers
+    if variant == "swa":
+        return [(f"swa-w{part.window}", flags)]
+    if variant == "all":  # the window, half of it, and the window over twice the layers
         w = part.window
         return [
-            (f"swa-w{w}", flags),
-            (f"swa-w{w // 2}", {**flags, "window": str(w // 2)}),
-            (f"swa-w{w}-L{2 * part.layers}", {**flags, "n_layer": str(2 * part.layers)}),
+            (variant, flags),
+            (f"all-w{w // 2}", {**flags, "window": str(w // 2)}),
+            (f"all-w{w}-L{2 * part.layers}", {**flags, "n_layer": str(2 * part.layers)}),
         ]
     return [(variant, flags)]
 

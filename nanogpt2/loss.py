@@ -31,12 +31,13 @@ def _softmax_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fix_underflow_(logp: torch.Tensor, h: torch.Tensor, Wv: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
-    """Recompute, through a log-softmax of their logits, the rows of logp (N,) = log(softmax at the target) whose
-    probability was below the normal floats, where its log lost precision (or is -inf)."""
+    """Recompute, through a log-softmax of their logits h @ Wv.T (h and Wv in the compute dtype), the rows of
+    logp (N,) = log(softmax at the target) whose probability was below the normal floats, where its log lost precision
+    (or is -inf)."""
     rows = (logp < math.log(torch.finfo(logp.dtype).tiny)).nonzero().squeeze(1)  # one host sync per call on GPUs
     for start in range(0, len(rows), chunk_rows):
         r = rows[start : start + chunk_rows]
-        z = (h[r].to(Wv.dtype) @ Wv.t()).to(logp.dtype)  # (n, V)
+        z = (h[r] @ Wv.t()).to(logp.dtype)  # (n, V)
         logp[r] = torch.log_softmax(z, dim=1).gather(1, targets[r, None]).squeeze(1)
 
 
@@ -69,6 +70,10 @@ def _linear_cross_entropy_op(
     safe_targets = targets.clamp(min=0)
     rows = torch.arange(min(chunk_rows, N), device=h.device)
     Wv = W[:vocab_size].to(compute_dtype)  # (V, C) the real vocab rows; a no-op without autocast
+    hc = h.to(compute_dtype)  # (N, C)
+    # h of the valid rows, unweighted: 1/n is applied once below in acc_dtype, since in fp16 it would flush small
+    # products to zero before any loss scaling could save them.
+    hv = (h * valid[:, None]).to(compute_dtype) if with_grad else None  # (N, C)
     logits = torch.empty(len(rows), vocab_size, dtype=compute_dtype, device=h.device)  # reused by every chunk
     logits_acc = logits if acc_dtype == compute_dtype else torch.empty_like(logits, dtype=acc_dtype)
     logp = torch.empty(N, dtype=acc_dtype, device=h.device)  # (N,) log-probability of each row's target
@@ -78,9 +83,8 @@ def _linear_cross_entropy_op(
         grad_W[vocab_size:].zero_()  # padding rows: outside the softmax, no gradient
     for start in range(0, N, chunk_rows):
         end = min(start + chunk_rows, N)
-        hc = h[start:end].to(compute_dtype)  # (n, C)
         r, t, w = rows[: end - start], safe_targets[start:end], weight[start:end]
-        z = torch.mm(hc, Wv.t(), out=logits[: end - start])  # (n, V)
+        z = torch.mm(hc[start:end], Wv.t(), out=logits[: end - start])  # (n, V)
         if logits_acc is not logits:
             z = logits_acc[: end - start].copy_(z)
         p = _softmax_(z)  # (n, V) in acc_dtype
@@ -92,13 +96,10 @@ def _linear_cross_entropy_op(
         if p.dtype != compute_dtype:
             p = logits[: end - start].copy_(p)
         torch.mul(p @ Wv, w[:, None], out=grad_h[start:end])  # the row weights applied in acc_dtype, rounded once
-        # h of the valid rows, unweighted: 1/n is applied once below in acc_dtype, since in fp16 it would flush
-        # small products to zero before any loss scaling could save them.
-        hv = (h[start:end] * valid[start:end, None]).to(compute_dtype)  # (n, C)
-        _mm_into(grad_W[:vocab_size], p.t(), hv, accumulate=start > 0)
+        _mm_into(grad_W[:vocab_size], p.t(), hv[start:end], accumulate=start > 0)
     if with_grad:
         grad_W[:vocab_size] /= n.clamp(min=1)
-    _fix_underflow_(logp, h, Wv, safe_targets, chunk_rows)
+    _fix_underflow_(logp, hc, Wv, safe_targets, chunk_rows)
     loss = -(logp * weight).sum()
     loss = torch.where(n > 0, loss, torch.nan)  # every target ignored: NaN, as F.cross_entropy gives
     return loss, grad_h, grad_W.to(W.dtype)

@@ -39,6 +39,7 @@ from nanogpt2.parallel import (
     grad_sync,
     init_distributed,
     is_distributed,
+    keep_freed_memory,
     launcher_gone,
     parallel_mode,
     parallelize,
@@ -190,6 +191,8 @@ def train(argv: list[str] | None = None) -> int:
     cfg = from_flags(given, ckpt["args"] if ckpt else None)
     env = init_distributed(cfg.torch_device(), cfg.timeout())
     device = env.device
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults on the big per-step tensors
     model_cfg = cfg.finalize(device, env.world_size, env.distributed, ckpt["config"] if ckpt else None)
 
     # Set up: data first (its errors before anything is written), then the output directory, model and optimizer.

@@ -5,10 +5,10 @@
 - fsdp:  under torchrun with --fsdp; `fully_shard` (FSDP2) on every transformer block, then on the root (which holds
          the tied wte/lm_head), so parameters, gradients and optimizer state are sharded across ranks.
 
-NCCL on CUDA (one device per LOCAL_RANK), gloo on CPU, so every mode also runs on a CPU-only machine. Owns the device
-name parser, the compute dtype, the order of activation checkpointing / compilation / sharding, gradient sync and
-clipping in every mode, and the small collectives train.py needs (print0, barrier, mean, any). It does not own what
-the model is (model.py) or what a checkpoint holds (checkpoint.py).
+NCCL on CUDA (one device per LOCAL_RANK), gloo on CPU, so every mode also runs on a CPU-only machine. Owns the
+device name parser, the compute dtype, the CPU allocator setting, the order of activation checkpointing /
+compilation / sharding, gradient sync and clipping in every mode, and the small collectives train.py needs (print0,
+barrier, mean, any). It does not own what the model is (model.py) or what a checkpoint holds (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
+# mallopt(3) parameters, and what keep_freed_memory sets them to: no trimming of the heap, no mmap'd blocks, and each
+# growth of the heap by 256 MB more than asked for.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+MALLOC_SETTINGS = {M_TRIM_THRESHOLD: 2**62, M_TOP_PAD: 2**28, M_MMAP_MAX: 0}
 # How gloo and NCCL word a collective whose peer exited or stopped answering (raised as RuntimeError or DistError).
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Timed out waiting")
 
@@ -106,6 +110,22 @@ def die_with_parent() -> int:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     return parent
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory in the heap for the next allocation instead of returning it to the
+    kernel; returns whether it could (Linux with glibc only).
+
+    A CPU training step allocates and frees tensors of tens to hundreds of MB (the loss's (chunk, vocab) buffers,
+    vocab-sized gradients). glibc serves blocks that large with mmap and unmaps them on free, so each step the kernel
+    maps and zero-fills them afresh, page by page: about an eighth of a nano step on 2 cores. From the heap they stay
+    mapped; the process keeps its peak memory, which it needed anyway.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
 
 
 def launcher_gone(env: DistEnv) -> bool:

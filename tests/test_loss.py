@@ -1,5 +1,7 @@
 """nanogpt2/loss.py: the fused linear + cross-entropy against F.cross_entropy on the full logits."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,23 @@ def test_every_target_ignored_gives_nan_loss_and_zero_grads():
     ref = loss_and_grads(lambda: unfused(h, W, y, 11), h, W)
     assert loss.isnan() and ref[0].isnan()
     assert (gh == 0).all() and (gW == 0).all() and (ref[1] == 0).all() and (ref[2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_underflowing_target_probabilities(dtype):
+    """Logits so spread that most targets' softmax underflows (losses of hundreds of nats): the log-softmax fallback
+    keeps loss and gradients as exact as the unfused path's, where the log of the softmax would be -inf."""
+    N, V, Vp, chunk = 37, 53, 64, 16
+    h, W, y = inputs(N, V, Vp, dtype=dtype)
+    h = (h.detach() * 60).requires_grad_()
+    ours = loss_and_grads(lambda: linear_cross_entropy(h, W, y, V, chunk_rows=chunk), h, W)
+    lowp = loss_and_grads(lambda: unfused(h, W, y, V), h, W)
+    hd, Wd = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    ref = loss_and_grads(lambda: unfused(hd, Wd, y, V), hd, Wd)
+    finfo = torch.finfo(dtype)
+    assert ref[0] > -math.log(finfo.tiny), "the test needs targets whose probability underflows"
+    for name, a, low, b in zip(("loss", "grad_h", "grad_W"), ours, lowp, ref, strict=True):
+        assert max_err(a, b) <= 2 * max_err(low, b) + 10 * finfo.eps, name
 
 
 def test_without_grad_gives_the_same_loss():

@@ -189,6 +189,7 @@ def train_command(part: Part, run: Run, out_dir: Path, device: str) -> list[str]
         "eval_every": part.eval_every,
         "eval_batches": part.eval_batches,
         "sample_every": 0,
+        "save_every": 0,  # the last checkpoint only: the study retrains an unfinished run, never resumes it (runs.py)
         "dtype": part.dtype,
         "device": device,
         "seed": run.seed,

@@ -260,6 +260,19 @@ def test_rope_runs_past_block_size():
     assert logits.shape == (1, 20, 97) and torch.isfinite(logits).all()
 
 
+def test_init_from_scratch():
+    """GPT-2's init except zero residual projections and a token embedding at std 0.04 (see GPT.__init__)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=4096, block_size=256, n_layer=2, n_head=4, n_embd=128))
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight") or name.endswith(".bias"):
+            assert not p.any(), name
+        elif name == "transformer.wte.weight":
+            assert abs(p.std().item() - 0.04) <= 0.001 and model.lm_head.weight is p
+        elif p.dim() == 2:
+            assert abs(p.std().item() - 0.02) <= 0.001, name
+
+
 def test_flops_per_token_count_visible_keys():
     base = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32))
     swa = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32, window=8))
@@ -300,12 +313,21 @@ def test_hf_parity_on_cuda(tmp_path):
         assert (ours - hf.cuda()(idx).logits).abs().max() <= 1e-3
 
 
+def randomize_residual_projections(model: GPT) -> None:
+    """Random c_proj weights: GPT initialises them to zero, which would keep attention out of the loss and of the
+    gradients of everything before it."""
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            torch.nn.init.normal_(p, std=0.02)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_triton_attention_matches_torch_in_the_model(variant):
     """attn="triton" (flash attention + RoPE kernels) gives the loss and gradients of attn="torch"."""
     torch.manual_seed(0)
     shape = dict(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_embd=64, **VARIANTS[variant])
     models = {impl: GPT(GPTConfig(**shape), attn=impl).to(DEVICE) for impl in ("torch", "triton")}
+    randomize_residual_projections(models["torch"])
     models["triton"].load_state_dict(models["torch"].state_dict())
     idx = torch.randint(0, 97, (2, 40), device=DEVICE)
     results = {}
@@ -323,6 +345,7 @@ def test_bf16_rope_model_keeps_float32_rotary_tables():
     torch.manual_seed(0)
     shape = dict(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=64, pos_emb="rope")
     models = {impl: GPT(GPTConfig(**shape), attn=impl).to(DEVICE) for impl in ("torch", "triton")}
+    randomize_residual_projections(models["torch"])
     models["triton"].load_state_dict(models["torch"].state_dict())
     idx = torch.randint(0, 97, (1, 32), device=DEVICE)
     with torch.no_grad():

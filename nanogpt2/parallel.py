@@ -28,10 +28,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
-# mallopt(3) parameters, and what keep_freed_memory sets them to: no trimming of the heap, no mmap'd blocks, and each
-# growth of the heap by 256 MB more than asked for.
+# mallopt(3) parameters, and what keep_freed_memory sets them to (C ints): the heap trimmed only past 2 GiB free at
+# its top, no mmap'd blocks, and each growth of the heap by 256 MB more than asked for.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-MALLOC_SETTINGS = {M_TRIM_THRESHOLD: 2**62, M_TOP_PAD: 2**28, M_MMAP_MAX: 0}
+MALLOC_SETTINGS = {M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 2**28, M_MMAP_MAX: 0}
 # How gloo and NCCL word a collective whose peer exited or stopped answering (raised as RuntimeError or DistError).
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Timed out waiting")
 

@@ -458,7 +458,8 @@ def test_keep_freed_memory_reuses_big_blocks():
         "import resource, torch\n"
         "from nanogpt2.parallel import keep_freed_memory\n"
         "kept = keep_freed_memory()\n"
-        "torch.ones(2**26)\n"  # 256 MB touched and freed
+        "for _ in range(4):\n"  # 256 MB touched and freed, until the heap has grown to keep it
+        "    torch.ones(2**26)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "torch.ones(2**26)\n"
         "print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"

@@ -30,11 +30,14 @@ def _softmax_(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=1)
 
 
-def _fix_underflow_(logp: torch.Tensor, h: torch.Tensor, Wv: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
-    """Recompute, through a log-softmax of their logits h @ Wv.T (h and Wv in the compute dtype), the rows of
+def _fix_underflow_(
+    logp: torch.Tensor, h: torch.Tensor, Wv: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, chunk_rows: int
+):
+    """Recompute, through a log-softmax of their logits h @ Wv.T (h and Wv in the compute dtype), the valid rows of
     logp (N,) = log(softmax at the target) whose probability was below the normal floats, where its log lost precision
     (or is -inf)."""
-    rows = (logp < math.log(torch.finfo(logp.dtype).tiny)).nonzero().squeeze(1)  # one host sync per call on GPUs
+    underflow = (logp < math.log(torch.finfo(logp.dtype).tiny)) & valid
+    rows = underflow.nonzero().squeeze(1)  # one host sync per call on GPUs
     for start in range(0, len(rows), chunk_rows):
         r = rows[start : start + chunk_rows]
         z = (h[r] @ Wv.t()).to(logp.dtype)  # (n, V)
@@ -99,8 +102,8 @@ def _linear_cross_entropy_op(
         _mm_into(grad_W[:vocab_size], p.t(), hv[start:end], accumulate=start > 0)
     if with_grad:
         grad_W[:vocab_size] /= n.clamp(min=1)
-    _fix_underflow_(logp, hc, Wv, safe_targets, chunk_rows)
-    loss = -(logp * weight).sum()
+    _fix_underflow_(logp, hc, Wv, safe_targets, valid, chunk_rows)
+    loss = -torch.where(valid, logp * weight, 0.0).sum()  # an ignored row's logp may be -inf
     loss = torch.where(n > 0, loss, torch.nan)  # every target ignored: NaN, as F.cross_entropy gives
     return loss, grad_h, grad_W.to(W.dtype)
 

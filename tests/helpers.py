@@ -1,5 +1,6 @@
 """What several test files share: the repository path, the device, running a CLI, the makers of test inputs (a token
-shard written as llm.c writes it, a Hugging Face GPT-2 directory) and the one check of a bad input's outcome."""
+shard written as llm.c writes it, a Hugging Face GPT-2 directory, random residual projections for a fresh GPT) and the
+one check of a bad input's outcome."""
 
 from __future__ import annotations
 
@@ -79,3 +80,11 @@ def assert_matches_ref(out, ref, ref_lowp, factor=2.0, atol=1e-3, fp32_atol=1e-5
     else:
         base = (ref_lowp.double() - ref).abs().max().item()
         assert err <= factor * base + atol, f"max error {err:.3g} > {factor} * {base:.3g} + {atol}"
+
+
+def randomize_residual_projections(model) -> None:
+    """Random c_proj weights: GPT initialises them to zero, which would keep attention out of the loss and of the
+    gradients of everything before it."""
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            torch.nn.init.normal_(p, std=0.02)

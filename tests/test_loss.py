@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE
+from helpers import DEVICE, randomize_residual_projections
 
 from nanogpt2.loss import linear_cross_entropy
 from nanogpt2.model import GPT, GPTConfig
@@ -128,10 +128,7 @@ def test_model_fused_loss_matches_unfused():
     """GPT's default (fused) loss and gradients equal the full-logits path's; padded vocab, an ignored target."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, vocab_pad_multiple=64, block_size=32, n_layer=1, n_head=2, n_embd=32))
-    with torch.no_grad():  # random projections: at their zero init the block's other gradients would all be zero
-        for name, p in model.named_parameters():
-            if name.endswith("c_proj.weight"):
-                p.normal_(0.0, 0.02)
+    randomize_residual_projections(model)
     model = model.to(DEVICE)
     idx = torch.randint(0, 97, (3, 32), device=DEVICE)
     targets = idx[:, 1:].clone()

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import DEVICE, hf_checkpoint
+from helpers import DEVICE, hf_checkpoint, randomize_residual_projections
 from transformers import GPT2LMHeadModel
 
 from kernels.reference import flash_attention_ref
@@ -316,14 +316,6 @@ def test_hf_parity_on_cuda(tmp_path):
     with torch.no_grad():
         ours = load_model(path, device="cuda").eval()(idx)[0]
         assert (ours - hf.cuda()(idx).logits).abs().max() <= 1e-3
-
-
-def randomize_residual_projections(model: GPT) -> None:
-    """Random c_proj weights: GPT initialises them to zero, which would keep attention out of the loss and of the
-    gradients of everything before it."""
-    for name, p in model.named_parameters():
-        if name.endswith("c_proj.weight"):
-            torch.nn.init.normal_(p, std=0.02)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

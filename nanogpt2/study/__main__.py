@@ -85,11 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     runs = plan_runs(budget, variants)
     outcome = {}
-    for kind, part in (("lm", budget.lm), ("recall", budget.recall)):  # the big runs use every core, tiny ones share
+    parts = {"lm": budget.lm, "recall": budget.recall}
+    # One queue per number of runs at a time, language models first: with the same number for both kinds, the first
+    # recall runs fill the slots the last language models leave.
+    for workers in dict.fromkeys(part.workers for part in parts.values()):
         jobs = {}
-        for run in (r for r in runs if r.kind == kind):
-            jobs[out / "runs" / run.dir_name] = train_command(part, run, out / "runs" / run.dir_name, budget.device)
-        outcome.update(train_all(jobs, part.workers, cpu=budget.device == "cpu"))
+        for run in (r for r in runs if parts[r.kind].workers == workers):
+            run_dir = out / "runs" / run.dir_name
+            jobs[run_dir] = train_command(parts[run.kind], run, run_dir, budget.device)
+        outcome.update(train_all(jobs, workers, cpu=budget.device == "cpu"))
     failed = [d for d, what in outcome.items() if what == "failed"]
     if failed:
         print(f"error: {len(failed)} run(s) failed, first {failed[0].name}; see {failed[0]}.log", file=sys.stderr)

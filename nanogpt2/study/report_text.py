@@ -138,9 +138,9 @@ def write_report(
         f"Made by `{about['command']}` on {about['date']}, {about['machine']}: budget `{about['budget_name']}`. "
         f"This invocation took {about['total_s'] / 60:.1f} minutes ({about['train_s'] / 60:.1f} training the runs it "
         f"did not find complete, the rest measuring); the runs' own training times add up to "
-        f"{about['runs_s'] / 60:.1f} minutes (language models one at a time, recall runs {budget.recall.workers} at a "
-        "time). Every run trains through train.py; its command, log and metrics are under runs/. results.json holds "
-        "every number below.",
+        f"{about['runs_s'] / 60:.1f} minutes (language models {budget.lm.workers} at a time, recall runs "
+        f"{budget.recall.workers} at a time). Every run trains through train.py; its command, log and metrics are "
+        "under runs/. results.json holds every number below.",
         "",
         "Variants: **base** (GPT-2: learned positions, multi-head, full causal attention), **rope** (rotary "
         "positions), **gqa** (fewer K/V heads), **swa** (sliding-window attention), **all** (the three together).",

@@ -90,11 +90,12 @@ def lm_losses(model: GPT, part: Part, budget: Budget, seed: int) -> dict[str, fl
 
 @torch.no_grad()
 def recall_accuracy(model: GPT, part: Part, budget: Budget) -> dict[str, dict | None]:
-    """Recall accuracy at each evaluation length: overall, and per distance bin (bins of half the window).
+    """Recall accuracy at each evaluation length: overall, and per distance bin (bins of a quarter of the part's
+    window, so that the sweep's half window still spans two bins).
 
     Longer lengths ask over proportionally more sequences, so each distance bin holds about as many questions.
     """
-    bin_width = max(1, part.window // 2)
+    bin_width = max(1, part.window // 4)
     out = {}
     for key, k, length in lengths_reached(model, part, budget):
         if length is None:

@@ -7,10 +7,10 @@ The recipe of issue 11: the `nano` preset (50,257 vocab), 16 x 256 tokens per st
 (betas 0.9/0.95, weight decay 0.1), grad clip 1.0, float32, seed 1337; random tokens, so no corpus is needed (the
 step's cost does not depend on which tokens). Each variant runs in a fresh subprocess so its peak RSS is its own:
 `before` (F.cross_entropy on the full logits and the per-tensor foreach AdamW: the defaults before issue 11),
-`fused-loss` (nanogpt2/loss.py, foreach AdamW) and `default` (the fused loss and AdamW(fused=True), as train.py runs
-now). Per step the forward, backward, clip and optimizer phases are timed apart. The variants take turns over
---rounds fresh runs each, so that other load on a shared machine hits them alike; the table shows medians over all
-timed steps and the highest peak RSS. Ratios are `before` ms / variant ms.
+`fused-loss` (nanogpt2/loss.py, foreach AdamW) and `default` (the fused loss, AdamW(fused=True) and glibc kept from
+returning freed blocks to the OS, as train.py runs now). Per step the forward, backward, clip and optimizer phases
+are timed apart. The variants take turns over --rounds fresh runs each, so that other load on a shared machine hits
+them alike; the table shows medians over all timed steps and the highest peak RSS. Ratios are `before` ms / variant ms.
 """
 
 import argparse
@@ -34,7 +34,10 @@ def run_variant(variant: str, steps: int, warmup: int, batch: int, seq_len: int,
     """Train `warmup + steps` steps of the recipe in this process: per-phase ms of the timed steps, peak RSS, losses."""
     import nanogpt2.loss
     from nanogpt2.model import GPT, GPTConfig
+    from nanogpt2.parallel import keep_freed_memory
 
+    if variant == "default":
+        keep_freed_memory()  # as train.py does on a CPU
     if chunk_rows is not None:
         nanogpt2.loss.CHUNK_ROWS = chunk_rows
     torch.manual_seed(1337)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,24 +56,27 @@ def max_weight_diff(a: Path, b: Path) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The runs several tests compare, made once: SGD and AdamW, in each mode."""
+    """The runs several tests compare, made once: SGD and AdamW, in each mode. They are independent, so they train
+    three at a time (most of each is process start-up)."""
     root = tmp_path_factory.mktemp("dist")
-    made = {}
+    jobs = {}  # name -> (args, train keywords)
     for accum in ("1", "2"):
         # 10 steps, each clipped: with the norm summed in fp32, whose error depends on the sharding, FSDP ended 1.7e-6
         # away from one process here (5e-5 on Shakespeare), DDP 6e-8
         sgd = ["--optimizer", "sgd", "--lr", "0.5", "--max-steps", "10", "--decay-steps", "10", "--grad-clip", "0.2"]
         sgd += ["--grad-accum", accum]
         for mode, kw in (("plain", {}), ("ddp", {"ranks": 2}), ("fsdp", {"ranks": 2, "fsdp": True})):
-            made[f"sgd-{mode}-{accum}"] = root / f"sgd-{mode}-{accum}"
-            train(made[f"sgd-{mode}-{accum}"], *sgd, **kw)
+            jobs[f"sgd-{mode}-{accum}"] = (sgd, kw)
     adamw = ["--lr", "3e-3", "--max-steps", "4"]
-    made["adamw-plain"], made["adamw-fsdp"] = root / "adamw-plain", root / "adamw-fsdp"
-    train(made["adamw-plain"], *adamw)
-    made["adamw-fsdp-log"] = train(made["adamw-fsdp"], *adamw, ranks=2, fsdp=True).stdout
+    jobs["adamw-plain"], jobs["adamw-fsdp"] = (adamw, {}), (adamw, {"ranks": 2, "fsdp": True})
     for mode, kw in (("fsdp", {"ranks": 2, "fsdp": True}), ("ddp", {"ranks": 2})):  # the first half, to resume
-        made[f"half-{mode}"] = root / f"half-{mode}"
-        train(made[f"half-{mode}"], "--lr", "3e-3", "--max-steps", "2", **kw)
+        jobs[f"half-{mode}"] = (["--lr", "3e-3", "--max-steps", "2"], kw)
+    made = {name: root / name for name in jobs}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        done = {name: pool.submit(train, made[name], *args, **kw) for name, (args, kw) in jobs.items()}
+    for future in done.values():
+        future.result()  # raises a failed run's assertion
+    made["adamw-fsdp-log"] = done["adamw-fsdp"].result().stdout
     return made
 
 

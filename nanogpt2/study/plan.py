@@ -77,7 +77,7 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     "toy": Budget(
         lm=Part("pico", "synthetic", seq_len=32, batch_size=4, max_steps=4, lr=3e-3, warmup_steps=1, eval_every=2,
-                eval_batches=1, kv_heads=1, window=8),
+                eval_batches=1, kv_heads=1, window=8, workers=2),
         recall=Part("pico", "recall", seq_len=64, batch_size=4, max_steps=4, lr=3e-3, warmup_steps=1, eval_every=2,
                     eval_batches=1, kv_heads=1, window=16, workers=2),
         seeds=1, recall_eval_rows=8, decode_preset="pico", decode_contexts=(32, 64), decode_tokens=4, device="cpu",

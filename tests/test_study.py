@@ -10,7 +10,7 @@ from helpers import REPO, assert_bad_input, run_cli
 
 from nanogpt2.study.__main__ import main as study_main
 from nanogpt2.study.plan import BUDGETS, DECODE_VARIANTS, VARIANTS, plan_runs
-from nanogpt2.study.report import accuracy_between, reach, recall_reading
+from nanogpt2.study.report import accuracy_between, display_width, few_questions, reach, rebin, recall_reading
 
 
 def run_module(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -48,6 +48,7 @@ def test_study_writes_every_section_run_and_plot(toy_study):
     assert results["recall"]["base"]["recall"]["2x"] is None
     rope_8x = results["recall"]["rope"]["recall"]["8x"]
     assert 0 <= rope_8x["accuracy"] <= 1 and sum(b["questions"] for b in rope_8x["bins"]) > 0
+    assert rope_8x["bin_width"] == 1 and len({b["distance"] for b in rope_8x["bins"]}) == len(rope_8x["bins"])
     assert results["recall"]["gqa-kv1"]["config"]["n_kv_head"] == 1
     assert results["recall"]["all-w16-L4"]["config"]["n_layer"] == 4
 
@@ -118,11 +119,13 @@ def test_study_out_naming_a_file_is_one_clear_line(tmp_path, capsys):
 
 
 def windowed_run(inside: float, band: float, beyond: float) -> dict:
-    """A recall result at the training length 64 with a window of 16 over 2 layers, accuracies per distance band."""
-    bins = [{"distance": d, "accuracy": inside if d < 16 else band if d < 32 else beyond, "questions": 100}
-            for d in range(0, 64, 8)]  # fmt: skip
+    """A recall result at the training length 64 with a window of 16 over 2 layers, measured per distance as the
+    study measures: `inside` below 16, `band` from 16 to 2 x (16 - 1) = 30 (not a multiple of the plots' bins),
+    `beyond` after."""
+    bins = [{"distance": d, "accuracy": inside if d < 16 else band if d <= 30 else beyond, "questions": 10}
+            for d in range(1, 64)]  # fmt: skip
     config = {"window": 16, "n_layer": 2, "pos_emb": "learned"}
-    return {"recall": {"1x": {"accuracy": 0.5, "bin_width": 8, "bins": bins}, "2x": None}, "config": config}
+    return {"recall": {"1x": {"accuracy": 0.5, "bin_width": 1, "bins": bins}, "2x": None}, "config": config}
 
 
 @pytest.mark.parametrize(
@@ -137,7 +140,9 @@ def windowed_run(inside: float, band: float, beyond: float) -> dict:
 def test_recall_reading_says_where_a_window_stops(accuracies, verdict):
     line = recall_reading({"swa": windowed_run(*accuracies)}, BUDGETS["cpu"])[0]
     assert line.endswith(f"{verdict}; learned positions end at the training length.")
-    assert "from 16 to L x (W - 1) = 30 (reachable only by relaying)" in line
+    inside, band, beyond = accuracies
+    assert f"{inside:.2f} at distances below its window of 16" in line
+    assert f"{band:.2f} from 16 to L x (W - 1) = 30 (reachable only by relaying), {beyond:.2f} beyond" in line
 
 
 def test_accuracy_between_and_reach_count_questions_not_bins():
@@ -147,6 +152,18 @@ def test_accuracy_between_and_reach_count_questions_not_bins():
     assert accuracy_between(at, 0, 16) == pytest.approx(350 / 400)
     assert accuracy_between(at, 16) == 0.0 and accuracy_between(at, 24) is None
     assert reach(at) == 8 and reach(at, floor=0.4) == 16 and reach({**at, "bins": at["bins"][:1]}) is None
+    assert few_questions(at, 16, enough=101) == " (100 questions)" and few_questions(at, 16) == ""
+    assert few_questions(at, 24, enough=101) == ""  # no questions: the figure itself says n/a
+
+
+def test_rebin_counts_questions_not_bins():
+    bins = [{"distance": d, "accuracy": 1.0 if d < 2 else 0.0, "questions": d + 1} for d in range(6)]
+    at = {"accuracy": 0.3, "bin_width": 1, "bins": bins}
+    binned = rebin(at, 4)
+    assert binned["bin_width"] == 4 and binned["accuracy"] == 0.3
+    assert binned["bins"] == [{"distance": 0, "accuracy": 3 / 10, "questions": 10},
+                              {"distance": 4, "accuracy": 0.0, "questions": 11}]  # fmt: skip
+    assert display_width(BUDGETS["cpu"]) == BUDGETS["cpu"].recall.window // 4
 
 
 def test_plot_cli_draws_runs(tmp_path):

@@ -90,19 +90,18 @@ def lm_losses(model: GPT, part: Part, budget: Budget, seed: int) -> dict[str, fl
 
 @torch.no_grad()
 def recall_accuracy(model: GPT, part: Part, budget: Budget) -> dict[str, dict | None]:
-    """Recall accuracy at each evaluation length: overall, and per distance bin (bins of a quarter of the part's
-    window, so that the sweep's half window still spans two bins).
+    """Recall accuracy at each evaluation length: overall, and per distance (the report and plots group distances into
+    bins; the reading's bands, such as W to L x (W - 1), are then exact).
 
-    Longer lengths ask over proportionally more sequences, so each distance bin holds about as many questions.
+    Longer lengths ask over proportionally more sequences, so each distance holds about as many questions.
     """
-    bin_width = max(1, part.window // 4)
     out = {}
     for key, k, length in lengths_reached(model, part, budget):
         if length is None:
             out[key] = None
             continue
         rows = budget.recall_eval_rows * k
-        correct, total = torch.zeros(length // bin_width + 1), torch.zeros(length // bin_width + 1)
+        correct, total = torch.zeros(length + 1), torch.zeros(length + 1)  # per distance
         for first in range(0, rows, EVAL_ROWS):
             n = min(EVAL_ROWS, rows - first)
             x, y, d = recall_batch(first, n, length, RECALL_EVAL_SEED, 1, questions=EVAL_QUESTIONS, distinct=True)
@@ -111,15 +110,14 @@ def recall_accuracy(model: GPT, part: Part, budget: Budget) -> dict[str, dict | 
             asked = y >= 0
             answers = logits[..., : model.config.vocab_size].argmax(-1).cpu()  # padding columns are no tokens
             right = (answers == y)[asked].float()  # (questions,)
-            bins = d[asked] // bin_width
-            correct.index_add_(0, bins, right)
-            total.index_add_(0, bins, torch.ones_like(right))
+            correct.index_add_(0, d[asked], right)
+            total.index_add_(0, d[asked], torch.ones_like(right))
         seen = total > 0
         out[key] = {
             "accuracy": (correct.sum() / total.sum()).item(),
-            "bin_width": bin_width,
-            "bins": [  # the first distance of each bin, its accuracy and its number of questions
-                {"distance": i * bin_width, "accuracy": (correct[i] / total[i]).item(), "questions": int(total[i])}
+            "bin_width": 1,
+            "bins": [  # each distance asked: its accuracy and its number of questions
+                {"distance": i, "accuracy": (correct[i] / total[i]).item(), "questions": int(total[i])}
                 for i in range(len(total))
                 if seen[i]
             ],

@@ -47,7 +47,7 @@ class Part:
     n_layer: int | None = None  # None: the preset's
     dtype: str = "float32"
     # Runs trained at once; on a CPU each gets cpu_count / workers threads. Two one-thread runs of the CPU budget's LM
-    # make 5,640 tokens/s together against 4,900-5,080 for one two-thread run (2 cores, idle, 2026-11-28).
+    # make 5,631 tokens/s together against 4,900-5,080 for one two-thread run (2 cores, idle, 2026-11-28).
     workers: int = 1
 
     @property
@@ -88,7 +88,7 @@ BUDGETS: dict[str, Budget] = {
         recall=Part("micro", "recall", seq_len=64, batch_size=16, max_steps=1500, lr=1e-3, warmup_steps=50,
                     eval_every=250, eval_batches=4, kv_heads=1, window=16, n_layer=2, workers=2),
         seeds=3, recall_eval_rows=512, decode_preset="nano", decode_contexts=(256, 512, 1024, 2048, 4096, 8192),
-        decode_tokens=32, device="cpu",
+        decode_tokens=128, device="cpu",
     ),
     # GPT-2 124M on Shakespeare: 15 runs of 6.6M tokens (4.7 epochs of its 1.4M): about 8 minutes on one H200 at the
     # 205k tokens/s train.py measured there (eager bf16, 16.5% MFU; BENCHMARKS.md), plus about 10 of recall runs,

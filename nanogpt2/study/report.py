@@ -71,15 +71,42 @@ def lm_reading(table: dict[str, dict]) -> list[str]:
     return lines
 
 
+def bins_between(at_length: dict, lo: int, hi: int | None = None) -> list[dict]:
+    """The bins wholly at distances in [lo, hi) (hi None: no end)."""
+    width = at_length["bin_width"]
+    return [b for b in at_length["bins"] if b["distance"] >= lo and (hi is None or b["distance"] + width <= hi)]
+
+
 def accuracy_between(at_length: dict, lo: int, hi: int | None = None) -> float | None:
     """Accuracy over the questions at distances in [lo, hi) (bins that start there), None if there are none."""
-    bins = [
-        b
-        for b in at_length["bins"]
-        if b["distance"] >= lo and (hi is None or b["distance"] + at_length["bin_width"] <= hi)
-    ]
+    bins = bins_between(at_length, lo, hi)
     questions = sum(b["questions"] for b in bins)
     return sum(b["accuracy"] * b["questions"] for b in bins) / questions if questions else None
+
+
+def few_questions(at_length: dict, lo: int, hi: int | None = None, enough: int = 100) -> str:
+    """ " (N questions)" when the range holds fewer than `enough` questions, so a thin figure is read as one."""
+    questions = sum(b["questions"] for b in bins_between(at_length, lo, hi))
+    return f" ({questions} questions)" if 0 < questions < enough else ""
+
+
+def rebin(at_length: dict, width: int) -> dict:
+    """Recall measured per bin, regrouped into bins of `width` distances (a multiple of its bin width): each new bin
+    starts at a multiple of `width` and its accuracy is over all the questions it holds."""
+    grouped: dict[int, list[dict]] = {}
+    for b in at_length["bins"]:
+        grouped.setdefault(b["distance"] // width * width, []).append(b)
+    bins = []
+    for start, members in grouped.items():
+        questions = sum(b["questions"] for b in members)
+        accuracy = sum(b["accuracy"] * b["questions"] for b in members) / questions
+        bins.append({"distance": start, "accuracy": accuracy, "questions": questions})
+    return {**at_length, "bin_width": width, "bins": bins}
+
+
+def display_width(budget: Budget) -> int:
+    """The bin width of the report's plots and reach: a quarter of the window, so the sweep's half window spans two."""
+    return max(1, budget.recall.window // 4)
 
 
 def times(length_key: str) -> int:
@@ -101,9 +128,11 @@ def recall_reading(recall: dict[str, dict], budget: Budget) -> list[str]:
             relay = c["n_layer"] * (window - 1)
             inside, band = accuracy_between(at_T, 0, window), accuracy_between(at_T, window, relay + 1)
             text += f"; {fmt(inside, '.2f')} at distances below its window of {window}"
-            text += f", {fmt(band, '.2f')} from {window} to L x (W - 1) = {relay} (reachable only by relaying)"
+            text += f", {fmt(band, '.2f')}{few_questions(at_T, window, relay + 1)} from {window} to L x (W - 1) = "
+            text += f"{relay} (reachable only by relaying)"
             if relay + 1 < T:
-                text += f", {fmt(accuracy_between(at_T, relay + 1), '.2f')} beyond"
+                beyond = accuracy_between(at_T, relay + 1)
+                text += f", {fmt(beyond, '.2f')}{few_questions(at_T, relay + 1)} beyond"
             if inside is None or inside < GOOD:
                 text += ": it does not recall reliably even inside its window"
             elif band is not None and band >= GOOD:
@@ -113,10 +142,11 @@ def recall_reading(recall: dict[str, dict], budget: Budget) -> list[str]:
             elif band is not None:
                 text += f": recall stops at the window; {c['n_layer']} layers do not carry the pairs further"
         else:
-            stop = reach(at_T)
+            binned = rebin(at_T, display_width(budget))
+            stop = reach(binned)
             text += (
                 f"; at or above {GOOD} at every distance" if stop is None else
-                f"; below {GOOD} at every distance" if stop == at_T["bins"][0]["distance"] else
+                f"; below {GOOD} at every distance" if stop == binned["bins"][0]["distance"] else
                 f"; below {GOOD} from distance {stop} on"
             )  # fmt: skip
         longer = [k for k in list(run["recall"])[1:] if run["recall"][k] is not None]
@@ -194,6 +224,7 @@ def plot_recall(recall: dict[str, dict], budget: Budget, out: Path) -> None:
             at = run["recall"].get(key)
             if at is None:
                 continue
+            at = rebin(at, display_width(budget))
             bins = at["bins"]
             xs = [b["distance"] + at["bin_width"] / 2 for b in bins]
             ax.plot(xs, [b["accuracy"] for b in bins], color=color, ls=style, marker=".", label=name)

@@ -11,10 +11,12 @@ from nanogpt2.study.report import (
     CHANCE,
     GOOD,
     decode_reading,
+    display_width,
     fmt,
     length_reading,
     lm_reading,
     reach,
+    rebin,
     recall_reading,
     times,
 )
@@ -41,7 +43,8 @@ def recall_section(recall: dict[str, dict], budget: Budget) -> list[str]:
         f"positions from the pair to the question. Each run: {describe(part)}, one seed. Measured on "
         f"{budget.recall_eval_rows} held-out sequences at the training length (k times as many at k times the "
         f"length), each asking {EVAL_QUESTIONS} distinct keys, so the pair is the only place an answer stood before; "
-        f"chance {CHANCE:.3f}. *Reach*: the distance from which accuracy stays below {GOOD} (none: it never drops). "
+        f"chance {CHANCE:.3f}. *Reach*: the distance from which accuracy stays below {GOOD} (none: it never drops), "
+        f"in bins of {display_width(budget)} distances as in the plot; the reading's bands count every distance. "
         "Learned positions cannot run past the training length: n/a.",
         "",
         "| run | positions | K/V heads | window | layers | "
@@ -52,7 +55,7 @@ def recall_section(recall: dict[str, dict], budget: Budget) -> list[str]:
     for name, run in recall.items():
         c = run["config"]
         accs = [fmt(run["recall"][k]["accuracy"] if run["recall"][k] else None) for k in lengths]
-        stop = reach(run["recall"]["1x"])
+        stop = reach(rebin(run["recall"]["1x"], display_width(budget)))
         lines.append(
             f"| {name} | {c['pos_emb']} | {c['n_kv_head']} of {c['n_head']} | {c['window'] or 'none'} | "
             f"{c['n_layer']} | " + " | ".join(accs) + f" | {'none' if stop is None else stop} |"

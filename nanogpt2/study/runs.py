@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +49,16 @@ def train(run_dir: Path, cmd: list[str], threads: int | None) -> tuple[bool, flo
     return done.returncode == 0, time.perf_counter() - t0
 
 
+_print_lock = threading.Lock()
+
+
+def say(line: str) -> None:
+    """Print one progress line whole: the runs' threads print at once, and print() writes text and newline apart."""
+    with _print_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 def train_all(jobs: dict[Path, list[str]], workers: int, cpu: bool) -> dict[Path, str]:
     """Bring every run (run_dir -> its command) to its end, `workers` at a time, printing a line per run.
 
@@ -59,16 +71,16 @@ def train_all(jobs: dict[Path, list[str]], workers: int, cpu: bool) -> dict[Path
     for run_dir, cmd in jobs.items():
         if is_complete(run_dir, cmd):
             outcome[run_dir] = "complete, reused"
-            print(f"[study] {run_dir}: complete, reused", flush=True)
+            say(f"[study] {run_dir}: complete, reused")
         else:
             todo[run_dir] = cmd
 
     def one(item: tuple[Path, list[str]]) -> None:
         run_dir, cmd = item
-        print(f"[study] training {run_dir.name}: {' '.join(cmd[1:])}", flush=True)
+        say(f"[study] training {run_dir.name}: {' '.join(cmd[1:])}")
         ok, seconds = train(run_dir, cmd, threads)
         outcome[run_dir] = "trained" if ok else "failed"
-        print(f"[study] {run_dir}: {outcome[run_dir]} in {seconds:.0f} s", flush=True)
+        say(f"[study] {run_dir}: {outcome[run_dir]} in {seconds:.0f} s")
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(one, todo.items()))

@@ -77,16 +77,20 @@ def bins_between(at_length: dict, lo: int, hi: int | None = None) -> list[dict]:
     return [b for b in at_length["bins"] if b["distance"] >= lo and (hi is None or b["distance"] + width <= hi)]
 
 
+def pooled(bins: list[dict]) -> tuple[float | None, int]:
+    """The accuracy over all the questions of some bins (None if they hold none), and how many questions."""
+    questions = sum(b["questions"] for b in bins)
+    return (sum(b["accuracy"] * b["questions"] for b in bins) / questions if questions else None), questions
+
+
 def accuracy_between(at_length: dict, lo: int, hi: int | None = None) -> float | None:
     """Accuracy over the questions at distances in [lo, hi) (bins that start there), None if there are none."""
-    bins = bins_between(at_length, lo, hi)
-    questions = sum(b["questions"] for b in bins)
-    return sum(b["accuracy"] * b["questions"] for b in bins) / questions if questions else None
+    return pooled(bins_between(at_length, lo, hi))[0]
 
 
 def few_questions(at_length: dict, lo: int, hi: int | None = None, enough: int = 100) -> str:
     """ " (N questions)" when the range holds fewer than `enough` questions, so a thin figure is read as one."""
-    questions = sum(b["questions"] for b in bins_between(at_length, lo, hi))
+    questions = pooled(bins_between(at_length, lo, hi))[1]
     return f" ({questions} questions)" if 0 < questions < enough else ""
 
 
@@ -98,8 +102,7 @@ def rebin(at_length: dict, width: int) -> dict:
         grouped.setdefault(b["distance"] // width * width, []).append(b)
     bins = []
     for start, members in grouped.items():
-        questions = sum(b["questions"] for b in members)
-        accuracy = sum(b["accuracy"] * b["questions"] for b in members) / questions
+        accuracy, questions = pooled(members)
         bins.append({"distance": start, "accuracy": accuracy, "questions": questions})
     return {**at_length, "bin_width": width, "bins": bins}
 

@@ -49,7 +49,16 @@ from nanogpt2.parallel import (
 )
 from nanogpt2.prepare import open_corpus
 from nanogpt2.recall import RECALL_DATA, RecallLoader
-from nanogpt2.run import log_memory, open_metrics, peak_flops, prepare_out_dir, run_record, run_summary, write_json
+from nanogpt2.run import (
+    log_memory,
+    open_metrics,
+    peak_flops,
+    prepare_out_dir,
+    refuse_taken_out_dir,
+    run_record,
+    run_summary,
+    write_json,
+)
 from nanogpt2.sample import generate
 from nanogpt2.tokenizer import EOT, decode
 
@@ -195,7 +204,9 @@ def train(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # no page faults on the big per-step tensors
     model_cfg = cfg.finalize(device, env.world_size, env.distributed, ckpt["config"] if ckpt else None)
 
-    # Set up: data first (its errors before anything is written), then the output directory, model and optimizer.
+    # Set up: data first (its errors before anything is written; a taken --out-dir before any tokenizing), then the
+    # output directory, model and optimizer.
+    refuse_taken_out_dir(cfg.out_dir, resuming=ckpt is not None)
     train_loader, val_loader, note = build_loaders(cfg, model_cfg, env)
     prepare_out_dir(cfg.out_dir, resuming=ckpt is not None, writer=env.is_main)  # rank 0 locks it till it exits
     dtype = compute_dtype(cfg.dtype, device)

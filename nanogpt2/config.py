@@ -102,8 +102,8 @@ class TrainConfig:
     )
     attn: str = flag(
         MD,
-        "attention/RoPE implementation: torch (SDPA) or triton (the kernels in kernels/, CUDA only; the attention "
-        "kernel has no dropout, so with --dropout > 0 training attention runs through SDPA) "
+        "attention/RoPE implementation: torch (SDPA) or triton (the kernels in nanogpt2/kernels/, CUDA only; the "
+        "attention kernel has no dropout, so with --dropout > 0 training attention runs through SDPA) "
         "(default: auto: triton on CUDA, torch on CPU)",
         "auto",
         str,

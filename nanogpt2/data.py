@@ -84,12 +84,12 @@ def is_val_shard(path: Path) -> bool:
 class ShardStream:
     """Several shards read as one token stream."""
 
-    def __init__(self, paths: list[Path]):
+    def __init__(self, paths: list[Path], name: str | None = None):
         self.paths = paths
         self.shards = [read_shard(p) for p in paths]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards]).tolist()  # start of each shard in the stream
         self.n_tokens = self.offsets[-1]
-        self.name = str(paths[0]) if len(paths) == 1 else f"{len(paths)} shards in {paths[0].parent}"
+        self.name = name or (str(paths[0]) if len(paths) == 1 else f"{len(paths)} shards in {paths[0].parent}")
 
     def read(self, start: int, n: int) -> np.ndarray:
         """Tokens [start, start + n) of the stream, int64."""
@@ -154,7 +154,8 @@ def shard_corpus(name: str, shards: list[Path]) -> Corpus:
     if not train:
         raise DataError(f"{name}: only val shards found (a 'val' field in the name); no training data")
     note = "" if val else f"{name} has no val shards (a 'val' field in the name): evaluating on the training shards"
-    return Corpus(name, ShardStream(train), ShardStream(val or train), note)
+    train_split = ShardStream(train, f"{name}'s train split")  # the user's name in messages, not the cache's
+    return Corpus(name, train_split, ShardStream(val, f"{name}'s val split") if val else train_split, note)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from nanogpt2.files import write_atomic
 from nanogpt2.model import GPT, GPTConfig
-from nanogpt2.tokenizer import EOT
+from nanogpt2.tokenizer import EOT, VOCAB_SIZE, bpe_files
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers versions
@@ -175,7 +175,8 @@ def check_hf_expressible(cfg: GPTConfig) -> None:
 def save_hf_gpt2(model: GPT, path: str | Path) -> None:
     """Write `model` as a HF GPT-2 directory (config.json + model.safetensors); only plain GPT-2s can be.
 
-    transformers.GPT2LMHeadModel.from_pretrained loads the directory. Each file is written atomically.
+    transformers.GPT2LMHeadModel.from_pretrained loads the directory, and AutoTokenizer.from_pretrained GPT-2's
+    tokenizer when the model has GPT-2's vocabulary (`save_hf_tokenizer`). Each file is written atomically.
     """
     from safetensors.torch import save
 
@@ -219,3 +220,23 @@ def save_hf_gpt2(model: GPT, path: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "model.safetensors", save(state, metadata={"format": "pt"}))
     write_atomic(out / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    if cfg.vocab_size == VOCAB_SIZE:  # another vocabulary (e.g. --data recall's) has no tokenizer to ship
+        save_hf_tokenizer(out, cfg.block_size)
+
+
+def save_hf_tokenizer(out: Path, max_length: int) -> None:
+    """GPT-2's tokenizer files, as HF's gpt2 repository has them: vocab.json and merges.txt are the BPE files
+    tiktoken's encoding is built from (the same bytes), with `<|endoftext|>` as the begin, end and unknown token."""
+    encoder_json, vocab_bpe = bpe_files()
+    eot = "<|endoftext|>"
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": max_length,
+        "add_prefix_space": False,
+        "bos_token": eot,
+        "eos_token": eot,
+        "unk_token": eot,
+    }
+    write_atomic(out / "vocab.json", encoder_json.read_bytes())
+    write_atomic(out / "merges.txt", vocab_bpe.read_bytes())
+    write_atomic(out / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")

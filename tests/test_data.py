@@ -118,13 +118,21 @@ def test_prepare_cli(tmp_path):
          "-f UTF-16BE "),
         ("latin-1", "t.txt: byte 3 (0xe9) is not UTF-8; text must be UTF-8: convert it, e.g. iconv -f LATIN1 -t UTF-8 "
          "t.txt > t.txt.utf8"),
-        ("random", "t.txt: byte 1 (0x82) is not UTF-8"),
+        ("random", "t.txt: a binary file (byte 82 is NUL), not text: --data takes UTF-8 text, or token shards"),
+        ("checkpoint", "t.txt: a binary file (byte 4 is NUL), not text"),
     ],
 )  # fmt: skip
 def test_text_that_is_not_utf8_is_refused(tmp_path, encoding, message):
-    """UTF-16 (NUL bytes are valid UTF-8, but no text has them), latin-1 and random bytes: one line with the offset."""
+    """UTF-16 (NUL bytes are valid UTF-8, but no text has them), latin-1: one line with the offset and the iconv
+    command; random bytes and a torch checkpoint: a binary file."""
     text = "Café au lait, s'il vous plaît. " * 50
-    raw = np.random.default_rng(0).bytes(1000) if encoding == "random" else text.encode(encoding)
+    if encoding == "random":
+        raw = np.random.default_rng(0).bytes(1000)
+    elif encoding == "checkpoint":
+        torch.save({"w": torch.ones(3)}, tmp_path / "ckpt.pt")
+        raw = (tmp_path / "ckpt.pt").read_bytes()
+    else:
+        raw = text.encode(encoding)
     (tmp_path / "t.txt").write_bytes(raw)
     assert_bad_input(run_cli("-m", "nanogpt2.prepare", "t.txt", "--out", "x", cwd=tmp_path), message)
     assert not (tmp_path / "x").exists()

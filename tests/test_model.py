@@ -7,9 +7,9 @@ import torch
 from helpers import DEVICE, hf_checkpoint, randomize_residual_projections
 from transformers import GPT2LMHeadModel
 
-from kernels.reference import flash_attention_ref
 from nanogpt2.checkpoint import CheckpointError, load_model, save_training_checkpoint
 from nanogpt2.hf import load_hf_gpt2, save_hf_gpt2
+from nanogpt2.kernels.reference import flash_attention_ref
 from nanogpt2.model import GPT, PRESETS, GPTConfig, attend
 from nanogpt2.sample import KVCache, generate
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from helpers import DEVICE, assert_matches_ref
 
-import kernels._utils
-from kernels import apply_rope
-from kernels.reference import apply_rope_ref
+import nanogpt2.kernels._utils
+from nanogpt2.kernels import apply_rope
+from nanogpt2.kernels.reference import apply_rope_ref
 
 pytestmark = pytest.mark.usefixtures("nan_outputs")
 
@@ -68,7 +68,7 @@ def test_batch_beyond_one_grid_runs_in_slices(monkeypatch):
     q, k = make_qk(5, 9, 4, 2, 32, torch.float32, "contiguous")
     cos, sin = rope_tables(9, 32)
     whole = apply_rope(q, k, cos, sin)
-    monkeypatch.setattr(kernels._utils, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(nanogpt2.kernels._utils, "MAX_GRID_Y", 2)
     sliced = apply_rope(q, k, cos, sin)
     assert all(torch.equal(a, b) for a, b in zip(whole, sliced, strict=True))
     grads = [torch.autograd.grad(out, (q, k), torch.ones_like(out)) for out in (whole[0], sliced[0])]
@@ -95,6 +95,6 @@ def test_rejects_bad_inputs(monkeypatch):
         with pytest.raises(ValueError, match=message):
             apply_rope(**args)
             pytest.fail(f"accepted {case}")
-    monkeypatch.setattr(kernels._utils, "INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
+    monkeypatch.setattr(nanogpt2.kernels._utils, "INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         apply_rope(q.cpu(), k.cpu(), cos.cpu(), sin.cpu())

@@ -18,10 +18,11 @@ import torch
 from helpers import REPO, assert_bad_input, llmc_shard, run_cli, snapshot
 
 import train as train_script
-from nanogpt2.checkpoint import load_training_checkpoint
+from nanogpt2.checkpoint import load_model, load_training_checkpoint
 from nanogpt2.config import ConfigError, TrainConfig, auto_grad_accum, build_parser
 from nanogpt2.model import GPTConfig
 from nanogpt2.prepare import prepare
+from nanogpt2.tokenizer import EOT, VOCAB_SIZE, get_encoding
 
 TINY = ["--preset", "pico", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2"]
 
@@ -403,10 +404,38 @@ def test_export_checks_the_hf_target_before_writing_anything(tmp_path):
     assert_bad_input(nothing, "nothing to do: give --out FILE, --hf DIR or both")
 
 
-def test_export_writes_a_hf_directory(tmp_path, trained):
+TOKENIZER_TEXTS = [
+    "ROMEO: hello",
+    "To be, or not to be, that is the question:",
+    "  leading spaces and trailing ones   ",
+    "tabs\tand\nnewlines\n\n\nthree of them",
+    "Numbers 1234567 and 3.14159, dates 2026-12-05.",
+    "naïve café, Übermäßig, smörgåsbord",
+    "日本語のテキストと中文",
+    "emoji 🤖🚀 and symbols ∑∫√",
+    "don't won't it's we'll they've I'm",
+    "CamelCaseWords and snake_case_words and URLs https://example.com/a?b=c",
+    "<html><body>markup & entities &amp;</body></html>",
+    "",
+]
+
+
+def test_export_writes_a_hf_directory_with_gpt2_s_tokenizer(tmp_path, trained):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
     done = run_cli("-m", "nanogpt2.checkpoint", str(trained), "--hf", str(tmp_path / "hf"))
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    written = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert written == ["config.json", "merges.txt", "model.safetensors", "tokenizer_config.json", "vocab.json"]
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert len(hf_tokenizer) == VOCAB_SIZE and hf_tokenizer.eos_token_id == EOT
+    ids = [get_encoding().encode_ordinary(text) for text in TOKENIZER_TEXTS]
+    assert [hf_tokenizer.encode(text) for text in TOKENIZER_TEXTS] == ids
+    assert [hf_tokenizer.decode(i) for i in ids] == TOKENIZER_TEXTS
+    hf_model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    prompt = torch.tensor([ids[0]])
+    with torch.no_grad():
+        assert (hf_model(prompt).logits - load_model(trained)(prompt)[0]).abs().max() <= 1e-4
 
 
 @pytest.mark.slow

@@ -92,7 +92,7 @@ def lm_section(summary: dict[str, dict], budget: Budget) -> list[str]:
         f"{describe(part).capitalize()}, {budget.seeds} seeds per variant. GQA: {part.kv_heads} K/V heads, "
         f"window {part.window}. Losses in nats per token; ± is half the range over seeds. Training tokens/s are "
         "as each run measured them, with whatever else the machine ran at the time (a rerun reuses finished runs, so "
-        "they can come from different sessions): compare speeds with bench/, not here.",
+        "they can come from different sessions): compare speeds with benches/, not here.",
         "",
         "| variant | params | train loss | val loss | tokens/s (train) | peak mem (MiB) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

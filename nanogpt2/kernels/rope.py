@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _utils
-from kernels._utils import store_cast
+from nanogpt2.kernels import _utils
+from nanogpt2.kernels._utils import store_cast
 
 
 @triton.jit
@@ -125,7 +125,7 @@ _apply_rope_op.register_autograd(_backward, setup_context=_setup_context)
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary positional embedding of q and k in one launch, exactly `kernels.reference.apply_rope_ref`.
+    """Rotary positional embedding of q and k in one launch, exactly `nanogpt2.kernels.reference.apply_rope_ref`.
 
     q: (B, T, H, D), k: (B, T, Hkv, D), both of one dtype (fp32, fp16 or bf16) with unit last stride (other strides
     are free: views of a fused qkv projection need no copy); cos, sin: (T, D/2) float32. Returns contiguous rotated

@@ -1,9 +1,9 @@
 """The verdict of a GPU check: every target PASS / FAIL / MISSING, a markdown summary and the fastest candidates.
 
-    python -m bench.summary RESULTS_DIR
+    python -m benches.summary RESULTS_DIR
 
-Reads what bench/gpu_check.sh leaves in RESULTS_DIR (configs.json from bench.configs, bench_kernels.json from
-bench.kernels, train-*.metrics.jsonl from train.py, train_loss.json from bench.train_loss) and writes
+Reads what benches/gpu_check.sh leaves in RESULTS_DIR (configs.json from benches.configs, bench_kernels.json from
+bench.kernels, train-*.metrics.jsonl from train.py, train_loss.json from benches.train_loss) and writes
 RESULTS_DIR/summary.md (ready to paste into BENCHMARKS.md) and RESULTS_DIR/defaults.json (the measured fastest
 attention code path, to set the defaults in kernels/attention.py from data). Prints the target table last.
 """
@@ -13,8 +13,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench import common, train_loss
-from bench.kernels import CANDIDATES
+from benches import common, train_loss
+from benches.kernels import CANDIDATES
 
 TRAIN_WARMUP_STEPS = 10  # steps left out of training medians: compilation and autotuning
 
@@ -142,7 +142,7 @@ def loss_markdown(results: Path) -> list[str]:
     lines = [
         f"Training step of the {s['preset']} preset, bf16 autocast, {s['seq_len']} tokens a sequence, "
         "`F.cross_entropy` on the full logits (unfused) against `nanogpt2/loss.py` (fused), each run in a fresh "
-        f"process, median of {s['steps']} steps after {s['warmup']} (`python -m bench.train_loss`):",
+        f"process, median of {s['steps']} steps after {s['warmup']} (`python -m benches.train_loss`):",
         "",
         f"| {' | '.join(header)} |",
         "|" + "---|" * len(header),
@@ -159,7 +159,7 @@ def markdown(results: Path, rows: list[tuple[str, str, str, str]], defaults: dic
         f"### {get('device', 'unknown device')}, {get('date', '?')}, commit {get('commit', '?')}",
         "",
         f"torch {get('torch', '?')}, triton {get('triton', '?')}, CUDA {get('cuda', '?')}; device-to-device copy "
-        f"{get('copy_gbs', 0):.0f} GB/s. Command: `bash bench/gpu_check.sh`.",
+        f"{get('copy_gbs', 0):.0f} GB/s. Command: `bash benches/gpu_check.sh`.",
         "",
         "| target | measured | goal | verdict |",
         "|---|---|---|---|",

@@ -2,10 +2,10 @@
 for an H100/H200 with Triton's bundled ptxas and print registers, spill bytes, shared memory, and whether the PTX
 uses Hopper's tensor-core (wgmma) and TMA (cp.async.bulk.tensor) instructions.
 
-    python -m bench.sass                        # bf16, head dims 64 and 128, every path: the table
-    python -m bench.sass --head-dims 16 32 64 128 --dtypes bf16 fp16 --json sass.json
-    python -m bench.sass --choosable            # only what the autotuner may choose
-    python -m bench.sass --quick                # tests/test_sass.py's set: the choosable TMA-path configs
+    python -m benches.sass                        # bf16, head dims 64 and 128, every path: the table
+    python -m benches.sass --head-dims 16 32 64 128 --dtypes bf16 fp16 --json sass.json
+    python -m benches.sass --choosable            # only what the autotuner may choose
+    python -m benches.sass --quick                # tests/test_sass.py's set: the choosable TMA-path configs
 
 Exit status 1 when a config the autotuner may choose spills registers or a bf16/fp16 attention kernel lacks wgmma.
 Compiled as a launch would specialize: unit last strides, 16-byte aligned pointers and strides, T a multiple of 16
@@ -35,8 +35,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from bench import common  # noqa: E402
-from kernels import attention, rope  # noqa: E402
+from benches import common  # noqa: E402
+from nanogpt2.kernels import attention, rope  # noqa: E402
 
 _INT_ARGS = ("T", "H", "G", "HKV", "WINDOW", "BH_BUCKET")
 _FP32_POINTERS = ("LSE", "DELTA", "DQ_ACC", "cos_ptr", "sin_ptr")

@@ -1,8 +1,8 @@
 """Benchmark the Triton kernels and their candidate code paths against PyTorch baselines, in one process on one GPU.
 
-    python -m bench.kernels                              # every case, the table
-    python -m bench.kernels --json out.json --deadline 200   # rows as JSON; start no case after 200 s
-    python -m bench.kernels --dry-run                    # CPU, interpreter, tiny shapes: exercises the code only
+    python -m benches.kernels                              # every case, the table
+    python -m benches.kernels --json out.json --deadline 200   # rows as JSON; start no case after 200 s
+    python -m benches.kernels --dry-run                    # CPU, interpreter, tiny shapes: exercises the code only
 
 Attention (bf16, causal, forward and forward+backward), cases in priority order (a deadline cuts the tail): each
 Triton candidate (TMA or pointer loads; atomic or deterministic dQ) against F.scaled_dot_product_attention (the first
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bench import common
+from benches import common
 
 DTYPE = torch.bfloat16
 # name: (B, T, H, Hkv, D, window); all causal; in priority order, should the deadline cut the run short.
@@ -186,7 +186,7 @@ def finish_row(row: dict, outputs: dict[str, tuple], baselines: list[str]) -> No
 
 
 def bench_attention(cases: dict, bench: Bench, record: Callable[[dict], None], deadline: float) -> None:
-    from kernels import flash_attention
+    from nanogpt2.kernels import flash_attention
 
     for name, (B, T, H, Hkv, D, window) in cases.items():
         if time.monotonic() > deadline:
@@ -231,8 +231,8 @@ def bench_attention(cases: dict, bench: Bench, record: Callable[[dict], None], d
 
 
 def bench_rope(cases: dict, copy_gbs: float, bench: Bench, record: Callable[[dict], None]) -> None:
-    from kernels import apply_rope
-    from kernels.reference import apply_rope_ref
+    from nanogpt2.kernels import apply_rope
+    from nanogpt2.kernels.reference import apply_rope_ref
 
     for name, (B, T, H, Hkv, D) in cases.items():
         qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device=bench.device, dtype=DTYPE)

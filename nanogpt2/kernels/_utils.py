@@ -1,8 +1,9 @@
 """What the kernel files share: the interpreter decision, the dtype table, CUDA's grid limit, input checks, the TMA
 allocator and the small @triton.jit helpers for loads and stores.
 
-INTERPRET is read once, when `kernels` is imported, as Triton itself decides at decoration time whether a
-@triton.jit function runs compiled or in its CPU interpreter: set TRITON_INTERPRET=1 before importing `kernels`.
+INTERPRET is read once, when `nanogpt2.kernels` is imported, as Triton itself decides at decoration time whether
+a @triton.jit function runs compiled or in its CPU interpreter: set TRITON_INTERPRET=1 before importing
+`nanogpt2.kernels`.
 """
 
 import os
@@ -27,7 +28,7 @@ def check_device(*tensors: torch.Tensor) -> None:
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(
             f"Triton kernels need CUDA tensors, got device {device}; to run on CPU set TRITON_INTERPRET=1 before "
-            "importing kernels (the interpreter is slow: tests only), or use kernels.reference"
+            "importing nanogpt2.kernels (the interpreter is slow: tests only), or use nanogpt2.kernels.reference"
         )
 
 

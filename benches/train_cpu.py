@@ -1,7 +1,7 @@
 """Training-step time and peak memory on CPU, the fused linear + cross-entropy against the full-logits loss.
 
-    python -m bench.train_cpu                          # the table (about 3 minutes on 2 idle cores)
-    python -m bench.train_cpu --json out.json          # and the rows as JSON (CPU, versions, commit included)
+    python -m benches.train_cpu                          # the table (about 3 minutes on 2 idle cores)
+    python -m benches.train_cpu --json out.json          # and the rows as JSON (CPU, versions, commit included)
 
 The recipe of issue 11: the `nano` preset (50,257 vocab), 16 x 256 tokens per step, no accumulation, AdamW lr 1e-3
 (betas 0.9/0.95, weight decay 0.1), grad clip 1.0, float32, seed 1337; random tokens, so no corpus is needed (the

@@ -1,11 +1,11 @@
 """Training-step time and peak memory on CUDA, the fused linear + cross-entropy against the full-logits loss, over
 micro-batch sizes up to ones the full logits cannot fit.
 
-    python -m bench.train_loss                                   # gpt2, bf16, 1024 tokens, B = 8 ... 192: the table
-    python -m bench.train_loss --json out.json --deadline 60     # and the runs as JSON; start no run after 60 s
-    python -m bench.train_loss --dry-run                         # CPU, pico preset, tiny batches: checks the code only
+    python -m benches.train_loss                                   # gpt2, bf16, 1024 tokens, B = 8 ... 192: the table
+    python -m benches.train_loss --json out.json --deadline 60     # and the runs as JSON; start no run after 60 s
+    python -m benches.train_loss --dry-run                         # CPU, pico, tiny batches: checks the code only
 
-The GPU half of bench/train_cpu.py's comparison (issue 11): the `gpt2` preset (124M) with SDPA attention (the
+The GPU half of benches/train_cpu.py's comparison (issue 11): the `gpt2` preset (124M) with SDPA attention (the
 loss is measured, not the Triton kernels), bf16 autocast, AdamW(fused=True) lr 1e-3, grad clip 1.0, seed 1337, random
 tokens (the step's cost does not depend on which). `unfused` is F.cross_entropy on the float32 (B, T, 50,257) logits
 (206 MB a sequence of 1024 tokens, and as much again for their log-softmax and for each gradient); `fused` is
@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from bench import common
+from benches import common
 
 VARIANTS = ("unfused", "fused")
 # About 1.1 GB a sequence with the full logits, 0.4 GB fused (estimated): on an 80 GB H100 the unfused loss should run

@@ -1,7 +1,7 @@
 """Correctness of EVERY autotune config of every attention kernel, forced one at a time, on a GPU.
 
-    python -m bench.configs --json RESULTS/configs.json [--deadline 150]
-    python -m bench.configs --dry-run          # CPU interpreter, tiny cases: exercises the code only
+    python -m benches.configs --json RESULTS/configs.json [--deadline 150]
+    python -m benches.configs --dry-run          # CPU interpreter, tiny cases: exercises the code only
 
 The tests run one config per kernel (NANOGPT2_AUTOTUNE=0); a pipelining or layout bug that shows only for some tile
 shape on real hardware would hide there. Here every (forward, dK/dV, dQ) config runs on every code path (TMA or
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench import common
+from benches import common
 
 # name: (B, T, H, Hkv, D, window); ragged T (not a multiple of any tile), GQA, windows.
 CASES = {
@@ -40,8 +40,8 @@ def attention_and_grads(fn, q, k, v, dout, window):
 
 def check(case: tuple, dtype: torch.dtype, configs: dict, path: dict, device: str) -> dict:
     """Run the op with the forced configs on one case; the error of each output against the float64 reference."""
-    from kernels import attention
-    from kernels.reference import flash_attention_ref
+    from nanogpt2.kernels import attention
+    from nanogpt2.kernels.reference import flash_attention_ref
 
     B, T, H, Hkv, D, window = case
     g = torch.Generator(device=device).manual_seed(0)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ).parse_args(argv)
     device = common.select_device(args.dry_run, "bench.configs")
     os.environ["NANOGPT2_AUTOTUNE"] = "0"  # nothing autotunes: every launch here is forced
-    from kernels import attention
+    from nanogpt2.kernels import attention
 
     deadline = time.monotonic() + args.deadline
     runs, failed, skipped = [], 0, 0

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _utils
-from kernels._utils import maybe_upcast, store_cast
+from nanogpt2.kernels import _utils
+from nanogpt2.kernels._utils import maybe_upcast, store_cast
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = math.log2(math.e)
@@ -39,7 +39,7 @@ TMA_PATHS = ("tma", "tma+atomic")
 
 class Tile(NamedTuple):
     """One GPU autotune config: tile sizes, warps, pipeline stages, and the code paths on which it spills no
-    register (`python -m bench.sass` compiles them all for sm_90; tests/test_sass.py checks the TMA ones)."""
+    register (`python -m benches.sass` compiles them all for sm_90; tests/test_sass.py checks the TMA ones)."""
 
     block_m: int
     block_n: int
@@ -52,7 +52,7 @@ class Tile(NamedTuple):
 
 
 # GPU configs for fp16/bf16 per kernel and (head-dim class: 64 for D <= 64, else 128; G > 1), best guess first
-# (NANOGPT2_AUTOTUNE=0 keeps the first). Every (tile, path) listed compiled without spills for sm_90 (bench.sass,
+# (NANOGPT2_AUTOTUNE=0 keeps the first). Every (tile, path) listed compiled without spills for sm_90 (benches.sass,
 # 2026-11-28); the dK/dV kernel's loop over a GQA group costs 20-60 registers, so GQA has its own list, and at D=128
 # only its deterministic TMA path fits (the other paths fall back to it, see `_resolve_path`).
 _FWD = {
@@ -85,7 +85,7 @@ TILES = {
 # fp32 (IEEE dots on FMA units: a correctness path, not a fast one; large tiles overflow shared memory) and the
 # interpreter: one small config; BLOCK_M != BLOCK_N, so the tile bounds are also tested off the diagonal.
 SMALL_TILES = {"fwd": Tile(64, 32, 4, 2), "dkdv": Tile(32, 64, 4, 2), "dq": Tile(64, 32, 4, 2)}
-# Kernel name -> config for every launch (bench and gpu_check correctness runs); see `forced_configs`.
+# Kernel name -> config for every launch (benches and gpu_check correctness runs); see `forced_configs`.
 _FORCED: dict[str, triton.Config] = {}
 
 
@@ -655,7 +655,7 @@ def _autograd_backward(ctx, do, _dlse):
 
 _flash_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
-# Defaults of the code-path switches, from bench/gpu_check.sh on an H200 (triton 3.6, 2026-11-28, BENCHMARKS.md):
+# Defaults of the code-path switches, from benches/gpu_check.sh on an H200 (triton 3.6, 2026-11-28, BENCHMARKS.md):
 # pointer loads beat TMA descriptors (gpt2 forward 0.129 vs 0.310 ms) and atomic dQ beats its own kernel (fwd+bwd
 # 0.821 vs 1.105 ms). NANOGPT2_ATTN_TMA=1 / NANOGPT2_ATTN_DETERMINISTIC=1 override them for a whole run.
 USE_TMA = os.environ.get("NANOGPT2_ATTN_TMA", "0") == "1"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything one GPU run can tell us about nanogpt2's kernels, ending in a verdict, in at most 9 minutes on one
-# H100/H200 (bench/README.md says what each step does and what to do with the results):
-#   bash bench/gpu_check.sh [RESULTS_DIR]             # default gpu-results/; run from the repository root
-#   bash bench/gpu_check.sh --dry-run [RESULTS_DIR]   # on CPU: every step on tiny shapes, Triton's interpreter
-#   GPU_CHECK_BUDGET_S=400 GPU_CHECK_SKIP="configs" bash bench/gpu_check.sh   # a shorter rerun: budget, steps left out
+# H100/H200 (benches/README.md says what each step does and what to do with the results):
+#   bash benches/gpu_check.sh [RESULTS_DIR]             # default gpu-results/; run from the repository root
+#   bash benches/gpu_check.sh --dry-run [RESULTS_DIR]   # on CPU: every step on tiny shapes, Triton's interpreter
+#   GPU_CHECK_BUDGET_S=400 GPU_CHECK_SKIP="configs" bash benches/gpu_check.sh   # a shorter rerun: budget, steps left out
 # Steps, in priority order, each under its own timeout (a failure is reported, never fatal): 1. machine and versions;
 # 2. wheels from .whl/ (the GPU machine has no network); 3. every autotune config of every attention kernel, forced
 # one at a time, against the reference (bench.configs); 4. the attention and RoPE test files; 5. benchmarks of every
@@ -68,14 +68,14 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 
 # Each Python step gets a --deadline 20 s inside its timeout, so it stops between runs and leaves complete JSON.
-step configs 150 python -m bench.configs "${DRY[@]}" --deadline 130 --json "$RESULTS/configs.json"
+step configs 150 python -m benches.configs "${DRY[@]}" --deadline 130 --json "$RESULTS/configs.json"
 # The test files with their own settings, one config per kernel (every config was checked above).
 if [ "$DRY_RUN" = 1 ]; then
   step tests 90 python -m pytest -x -q tests/test_rope.py -k "rejects or slices"
 else
   step tests 90 env NANOGPT2_AUTOTUNE=0 python -m pytest -x -q tests/test_attention.py tests/test_rope.py
 fi
-step bench 190 python -m bench.kernels "${DRY[@]}" --deadline 150 --json "$RESULTS/bench_kernels.json"
+step bench 190 python -m benches.kernels "${DRY[@]}" --deadline 150 --json "$RESULTS/bench_kernels.json"
 for run in "triton:${TRAIN_ATTN[0]}" "torch:${TRAIN_ATTN[1]}"; do
   name=train-${run%%:*} attn=${run#*:}
   step "$name" 50 python train.py "${TRAIN_FLAGS[@]}" --attn "$attn" --out-dir "$SCRATCH/$name"
@@ -85,11 +85,11 @@ done
 # its timeout, or of what is left of the budget when less: it is the last timed step before the optional rest.
 loss_deadline=$((BUDGET_S - SECONDS - 20))
 [ "$loss_deadline" -gt 60 ] && loss_deadline=60
-step loss 80 python -m bench.train_loss "${DRY[@]}" --deadline "$loss_deadline" --json "$RESULTS/train_loss.json"
+step loss 80 python -m benches.train_loss "${DRY[@]}" --deadline "$loss_deadline" --json "$RESULTS/train_loss.json"
 
 echo
 echo "=================================== VERDICT ==================================="
-python -m bench.summary "$RESULTS" 2>&1 | tee "$RESULTS/summary.log"
+python -m benches.summary "$RESULTS" 2>&1 | tee "$RESULTS/summary.log"
 # Whatever time is left: the rest of the test suite on CUDA (the model, training and sampling on the real device).
 if [ "$DRY_RUN" = 0 ]; then
   step tests-rest 600 env NANOGPT2_AUTOTUNE=0 python -m pytest -x -q tests --ignore tests/test_attention.py \

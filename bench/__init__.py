@@ -1,1 +1,0 @@
-"""Benchmarks that print tables and write JSON (never run as tests): `python -m bench.kernels`."""

@@ -55,6 +55,7 @@ from nanogpt2.run import (
     peak_flops,
     prepare_out_dir,
     refuse_taken_out_dir,
+    run_line,
     run_record,
     run_summary,
     write_json,
@@ -120,11 +121,13 @@ def evaluate(model: torch.nn.Module, loader: Loader, n_batches: int, autocast) -
 
 
 def sample_text(model: GPT, seed: int, device: torch.device) -> str:
-    """A short top-k sample from <|endoftext|>, drawn from its own generator so training's RNG is untouched."""
+    """A short top-k sample from <|endoftext|>, drawn from its own generator so training's RNG is untouched.
+
+    Compiled blocks (--compile) run eagerly here: each decoding step's new shapes would recompile them."""
     model.eval()
     idx = torch.full((1, 1), EOT, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         out = generate(model, idx, SAMPLE_TOKENS, temperature=0.8, top_k=50, generator=gen)
     model.train()
     return decode(out[0, 1:].tolist())
@@ -206,7 +209,7 @@ def train(argv: list[str] | None = None) -> int:
 
     # Set up: data first (its errors before anything is written; a taken --out-dir before any tokenizing), then the
     # output directory, model and optimizer.
-    refuse_taken_out_dir(cfg.out_dir, resuming=ckpt is not None)
+    refuse_taken_out_dir(cfg.out_dir, resuming=ckpt is not None, probe_lock=env.is_main)
     train_loader, val_loader, note = build_loaders(cfg, model_cfg, env)
     prepare_out_dir(cfg.out_dir, resuming=ckpt is not None, writer=env.is_main)  # rank 0 locks it till it exits
     dtype = compute_dtype(cfg.dtype, device)
@@ -222,9 +225,10 @@ def train(argv: list[str] | None = None) -> int:
 
     autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
     record = run_record(cfg, model_cfg, device, dtype, env.world_size, raw_model.num_params()) | {"parallel": mode}
+    record_path = cfg.out_dir / (f"run-resume-{step}.json" if ckpt else "run.json")
     if env.is_main:
-        write_json(cfg.out_dir / (f"run-resume-{step}.json" if ckpt else "run.json"), record)
-    print0((f"resuming at step {step}: " if ckpt else "run: ") + json.dumps(record))
+        write_json(record_path, record)
+    print0((f"resuming at step {step}: " if ckpt else "run: ") + run_line(record, record_path))
     for line in ([note] if note else []) + cfg.notes(model_cfg):
         print0(f"note: {line}")
     eval_batches = min(cfg.eval_batches, val_loader.batches_per_epoch or cfg.eval_batches)

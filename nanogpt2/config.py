@@ -159,7 +159,8 @@ class TrainConfig:
     )
     resume: Path | None = flag(
         EV, "continue the run whose checkpoint is in OUT_DIR, with its config (flags given again override its "
-        "step, logging and device settings)", type=Path, kind="how", metavar="OUT_DIR"
+        "step, logging and device settings); --resume OUT --max-steps N trains the steps past the old --max-steps at "
+        "the schedule's final learning rate, --min-lr", type=Path, kind="how", metavar="OUT_DIR"
     )  # fmt: skip
     # device
     device: str = flag(DV, "auto, cpu, cuda or cuda:N (default: auto: cuda if available; a resumed run keeps its own)",
@@ -292,9 +293,24 @@ class TrainConfig:
         if self.attn == "triton" and model.dropout > 0:
             notes.append(f"--attn triton with dropout {model.dropout}: training attention runs through SDPA (the "
                          "Triton attention kernel has no dropout); RoPE and evaluation use the kernels")  # fmt: skip
+        notes += self.ineffective_flags(model)
         if not self.samples_text(model):
             why = f"--data {RECALL_DATA}" if self.data == RECALL_DATA else f"a {model.vocab_size:,}-token vocabulary"
             notes.append(f"no text samples: {why} is not GPT-2 text")
+        return notes
+
+    def ineffective_flags(self, model: GPTConfig) -> list[str]:
+        """A note for each variant setting that trains the same model as without it."""
+        notes = []
+        if model.window is not None and model.window >= self.seq_len:
+            notes.append(f"window {model.window} is at least --seq-len {self.seq_len}: every query sees all earlier "
+                         "tokens, so this trains plain causal attention")  # fmt: skip
+        if self.n_kv_head is not None and model.n_kv_head == model.n_head:
+            notes.append(f"--n-kv-head {self.n_kv_head} equals the model's {model.n_head} heads: plain multi-head "
+                         "attention (grouped-query attention needs fewer K/V heads)")  # fmt: skip
+        if self.block_size is not None and model.block_size > self.seq_len:
+            notes.append(f"--block-size {model.block_size} exceeds --seq-len {self.seq_len}: training sequences stay "
+                         f"{self.seq_len} tokens (give --seq-len too to train on longer ones)")  # fmt: skip
         return notes
 
 

@@ -66,6 +66,17 @@ def run_record(
     }
 
 
+def run_line(record: dict, record_path: Path) -> str:
+    """One line that sums a run record up for the log (the whole record is in run.json)."""
+    args, model = record["args"], record["model"]
+    shape = f"{model['n_layer']} layers x {model['n_embd']} wide, {record['n_params'] / 1e6:.1f}M parameters"
+    return (
+        f"{args['preset']} ({shape}) on {args['data']} | {args['max_steps']} steps of {args['batch_size']} x "
+        f"{args['seq_len']} tokens, lr {args['lr']:g} | {record['device']}, {record['dtype']}, attn {args['attn']}, "
+        f"{record['parallel']} x {record['world_size']} | full record: {record_path}"
+    )
+
+
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak FLOP/s, where known (for MFU)."""
     if device.type != "cuda":
@@ -107,14 +118,15 @@ def lock_out_dir(out_dir: Path) -> int:
     return fd
 
 
-def refuse_taken_out_dir(out_dir: Path, resuming: bool) -> None:
-    """ConfigError when a fresh run's out_dir holds a checkpoint, or when a running run holds the directory; writes
-    nothing, so train.py asks before it tokenizes a corpus (prepare_out_dir asks again, holding the lock)."""
+def refuse_taken_out_dir(out_dir: Path, resuming: bool, probe_lock: bool) -> None:
+    """ConfigError when a fresh run's out_dir holds a checkpoint, or (`probe_lock`: the writer, before it locks) when
+    a running run holds the directory. Writes nothing, so train.py asks before it tokenizes a corpus; prepare_out_dir
+    asks again, holding the lock."""
     if not resuming and (out_dir / TRAIN_CKPT).exists():
         raise ConfigError(
             f"{out_dir} already holds a checkpoint: continue it with --resume {out_dir}, or choose another --out-dir"
         )
-    if out_dir.is_dir():
+    if probe_lock and out_dir.is_dir():
         os.close(lock_out_dir(out_dir))  # a lock taken and dropped at once: refused while another run holds it
 
 
@@ -128,7 +140,7 @@ def prepare_out_dir(out_dir: Path, resuming: bool, writer: bool = True) -> int |
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = lock_out_dir(out_dir) if writer else None
-        refuse_taken_out_dir(out_dir, resuming)
+        refuse_taken_out_dir(out_dir, resuming, probe_lock=False)
         probe = out_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()

@@ -26,6 +26,14 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int 
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def cpu_config(*flags: str):
+    """(TrainConfig, GPTConfig) as train.py builds them from `flags` on a CPU, in one process."""
+    from nanogpt2.config import from_flags, parse_flags
+
+    cfg = from_flags(parse_flags(list(flags)))
+    return cfg, cfg.finalize(torch.device("cpu"), world_size=1, distributed=False)
+
+
 def llmc_shard(path: Path, tokens, magic: int = MAGIC, version: int = VERSION, count: int | None = None) -> Path:
     """A shard written the way llm.c's dev/data/data_common.py write_datafile does, independently of write_shard."""
     header = np.zeros(HEADER_INTS, dtype=np.int32)

@@ -111,3 +111,40 @@ def test_documented_command_runs(command, tmp_path, data_cache, request):
         shutil.copytree(request.getfixturevalue("finished_run"), tmp_path / "out")
     done = run(argv, tmp_path, data_cache)
     assert done.returncode == 0, f"{shlex.join(argv)} failed:\n{done.stderr[-3000:]}"
+
+
+def readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_python_snippet_runs_as_shown(tmp_path):
+    """The README's Python, run from a scratch directory: "gpt2" comes from a Hugging Face cache laid out as
+    transformers leaves it (a small random GPT-2 with GPT-2's vocabulary), and the export loads in transformers."""
+    from helpers import hf_checkpoint
+
+    snapshot = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    hf_checkpoint(snapshot, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    blocks = readme_python_blocks()
+    assert len(blocks) == 1 and 'from_pretrained("my-gpt2")' in blocks[0]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("The meaning of life is") and done.stdout.count("The meaning of life is") == 2
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "my-gpt2").iterdir()}
+
+
+TRAINING_EXAMPLES = [c for c in DOC_COMMANDS if c.startswith("python train.py --") and "--resume" not in c]
+
+
+@pytest.mark.parametrize("command", TRAINING_EXAMPLES)
+def test_readme_training_example_trains_something_else_than_the_default(command):
+    """Each `python train.py FLAGS` example, on this CPU, changes the model, the sequences or the data of the default
+    run, and no flag of it draws a note that it changes nothing."""
+    from helpers import cpu_config
+
+    cfg, model = cpu_config(*shlex.split(command)[2:])
+    plain_cfg, plain_model = cpu_config()
+    assert cfg.ineffective_flags(model) == []
+    assert (model, cfg.seq_len, cfg.data) != (plain_model, plain_cfg.seq_len, plain_cfg.data)

@@ -9,6 +9,7 @@ import pytest
 from helpers import REPO, assert_bad_input, run_cli
 
 from nanogpt2.study.__main__ import main as study_main
+from nanogpt2.study.__main__ import parse_args as study_args
 from nanogpt2.study.plan import BUDGETS, DECODE_VARIANTS, VARIANTS, plan_runs
 from nanogpt2.study.report import accuracy_between, display_width, few_questions, reach, rebin, recall_reading
 
@@ -109,6 +110,13 @@ def test_study_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
     assert not (tmp_path / "study").exists()
     if "mamba" in args:
         assert_bad_input(run_module("nanogpt2.study", *argv), message)
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS))
+def test_study_never_writes_into_the_committed_results_by_default(budget):
+    out = Path(study_args(["--budget", budget]).out)
+    assert out == Path("runs") / f"study-{budget}" and "results" not in out.parts
+    assert study_args(["--budget", budget, "--out", "results/study"]).out == "results/study"  # only when asked
 
 
 def test_study_out_naming_a_file_is_one_clear_line(tmp_path, capsys):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, assert_bad_input, llmc_shard, run_cli, snapshot
+from helpers import REPO, assert_bad_input, cpu_config, llmc_shard, run_cli, snapshot
 
 import train as train_script
 from nanogpt2.checkpoint import load_model, load_training_checkpoint
@@ -291,6 +291,30 @@ def test_triton_with_dropout_says_attention_runs_through_sdpa():
     )
 
 
+@pytest.mark.parametrize(
+    "flags, note",
+    [
+        (["--window", "256"], "window 256 is at least --seq-len 128: every query sees all earlier tokens"),
+        (["--window", "1000", "--block-size", "256"], "window 1000 is at least --seq-len 128"),
+        (["--window", "128"], "window 128 is at least --seq-len 128"),
+        (["--n-kv-head", "4"], "--n-kv-head 4 equals the model's 4 heads: plain multi-head attention"),
+        (["--block-size", "2048"], "--block-size 2048 exceeds --seq-len 128: training sequences stay 128 tokens"),
+    ],
+)
+def test_a_variant_flag_that_changes_nothing_says_so(flags, note):
+    cfg, model = cpu_config(*flags)
+    assert any(line.startswith(note) for line in cfg.notes(model)), cfg.notes(model)
+
+
+@pytest.mark.parametrize(
+    "flags", [["--window", "127"], ["--n-kv-head", "2"], ["--block-size", "512", "--seq-len", "512"]]
+)
+def test_a_variant_flag_that_changes_the_model_draws_no_note(flags):
+    cfg, model = cpu_config(*flags)
+    plain_cfg, plain_model = cpu_config()
+    assert cfg.ineffective_flags(model) == [] and (model, cfg.seq_len) != (plain_model, plain_cfg.seq_len)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 @pytest.mark.parametrize("batch_size", [1, 4, 8, 12, 20, 44, 48, 64, 100, 96])
 def test_automatic_grad_accum_divides_the_batch(batch_size, world_size):
@@ -436,6 +460,15 @@ def test_export_writes_a_hf_directory_with_gpt2_s_tokenizer(tmp_path, trained):
     prompt = torch.tensor([ids[0]])
     with torch.no_grad():
         assert (hf_model(prompt).logits - load_model(trained)(prompt)[0]).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_run_samples_without_recompiling(tmp_path):
+    """--compile compiles each block for training; the closing sample (KV-cache decoding, a new shape every token,
+    over 4 blocks) runs them eagerly instead of hitting torch.compile's recompile limit."""
+    done = run(tmp_path, *TINY, "--n-layer", "4", "--data", "synthetic", "--max-steps", "1", "--compile")
+    assert done.returncode == 0, done.stderr
+    assert "sample:" in done.stdout and "recompile" not in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -1,13 +1,14 @@
 """The variant study: what rotary positions, grouped-query attention and sliding windows do to a GPT.
 
-    python -m nanogpt2.study [--budget cpu|gpu|toy] [--variants base rope gqa swa all] [--seeds N] [--out results/study]
+    python -m nanogpt2.study [--budget cpu|gpu|toy] [--variants base rope gqa swa all] [--seeds N] [--out DIR]
 
 Trains every variant through train.py (a subprocess per run, a few at a time), then measures each trained model here:
 - language modelling: val loss against tokens over several seeds, and at 2x, 4x and 8x the training context;
 - associative recall (nanogpt2/recall.py): accuracy against the distance between a pair and its query, with sweeps
   of K/V heads, window and depth, at the training length and beyond it;
 - decoding: tokens/s and KV-cache bytes against context, with the cache.
-Writes README.md (tables, a reading in plain words made from the numbers), results.json and three plots into --out.
+Writes README.md (tables, a reading in plain words made from the numbers), results.json and three plots into --out
+(default runs/study-BUDGET, never the committed results/study: regenerating those is an explicit --out results/study).
 Reruns reuse finished runs and retrain incomplete ones.
 """
 
@@ -42,8 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--kv-heads", type=int, help="the gqa variant's K/V heads in both tasks (default: the budget's)"
     )
-    parser.add_argument("--out", default="results/study", help="output directory (default results/study)")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--out", help="output directory (default: runs/study-BUDGET; the committed results: --out results/study)"
+    )
+    args = parser.parse_args(argv)
+    args.out = args.out or f"runs/study-{args.budget}"
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

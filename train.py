@@ -3,7 +3,7 @@
     python train.py                                  # CPU: the nano preset on Shakespeare, ~2 minutes on 2 cores
                                                      # CUDA: GPT-2 124M on Shakespeare
     python train.py --preset pico --data synthetic --max-steps 50
-    python train.py --data recall --preset micro --seq-len 128   # associative recall (nanogpt2/recall.py)
+    python train.py --data recall --preset micro --seq-len 128   # associative recall (variant_study/recall.py)
     python train.py --resume out                     # continue the run in out/ exactly where it stopped
 
 The script reads top to bottom: parse the config (nanogpt2/config.py), set up the device and process group, the data
@@ -25,30 +25,26 @@ import time
 
 import torch
 
-from nanogpt2.checkpoint import TRAIN_CKPT, CheckpointError, load_training_checkpoint, restore_run, save_run
-from nanogpt2.config import ConfigError, TrainConfig, from_flags, parse_flags
-from nanogpt2.data import BatchLoader, DataError
-from nanogpt2.model import GPT, GPTConfig
+from nanogpt2.checkpoint import TRAIN_CKPT, load_checkpoint, restore_checkpoint, save_checkpoint
+from nanogpt2.config import TrainConfig, from_flags, parse_flags
+from nanogpt2.data import Loader
+from nanogpt2.errors import USER_ERRORS, DivergedError
+from nanogpt2.model import GPT
 from nanogpt2.parallel import (
     DistEnv,
     all_reduce_mean,
     any_rank,
     cleanup,
     clip_grad_norm,
-    compute_dtype,
     grad_sync,
     init_distributed,
     is_distributed,
-    keep_freed_memory,
-    launcher_gone,
     parallel_mode,
     parallelize,
     peer_failed,
     print0,
-    synchronize,
 )
-from nanogpt2.prepare import open_corpus
-from nanogpt2.recall import RECALL_DATA, RecallLoader
+from nanogpt2.prepare import check_data, open_corpus
 from nanogpt2.run import (
     log_memory,
     open_metrics,
@@ -60,32 +56,23 @@ from nanogpt2.run import (
     run_summary,
     write_json,
 )
+from nanogpt2.runtime import compute_dtype, keep_freed_memory, launcher_gone, synchronize
 from nanogpt2.sample import generate
 from nanogpt2.tokenizer import EOT, decode
 
 SAMPLE_TOKENS = 64
-Loader = BatchLoader | RecallLoader
 
 
-def build_loaders(cfg: TrainConfig, model: GPTConfig, env: DistEnv) -> tuple[Loader, Loader, str]:
-    """Train (in --data-order) and val (in order) loaders for this rank: each reads its share of every micro-batch.
-
-    --data recall draws its train and val sequences from the seed instead of reading a corpus.
-    """
+def build_loaders(cfg: TrainConfig, vocab_size: int, env: DistEnv) -> tuple[Loader, Loader, str]:
+    """Train (in --data-order) and val (in order) loaders for this rank, each reading its share of every micro-batch,
+    and what the user should know about the data (or "")."""
+    corpus = open_corpus(cfg.data, vocab_size=vocab_size, seed=cfg.seed)
     rows = cfg.batch_size // cfg.grad_accum  # global rows per micro-batch
-    common = dict(rows=rows, seq_len=cfg.seq_len, rank=env.rank, world_size=env.world_size)
-    if cfg.data == RECALL_DATA:
-        return RecallLoader(seed=cfg.seed, split=0, **common), RecallLoader(seed=cfg.seed, split=1, **common), ""
-    corpus = open_corpus(cfg.data, vocab_size=model.vocab_size, seed=cfg.seed)
-    common["vocab_size"] = model.vocab_size
-    train = BatchLoader(corpus.train, order=cfg.data_order, seed=cfg.seed, **common)
-    windows = train.windows_per_epoch
-    if windows is not None and windows < cfg.batch_size:
-        raise DataError(
-            f"{corpus.train.name} holds {windows} training windows of {cfg.seq_len} + 1 tokens, fewer than one "
-            f"step's --batch-size {cfg.batch_size}; use a smaller --batch-size or --seq-len, or more data"
-        )
-    return train, BatchLoader(corpus.val, **common), corpus.note
+    train, val = corpus.loaders(
+        rows=rows, seq_len=cfg.seq_len, rank=env.rank, world_size=env.world_size, vocab_size=vocab_size,
+        order=cfg.data_order, seed=cfg.seed, batch=cfg.batch_size,
+    )  # fmt: skip
+    return train, val, corpus.note
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -199,29 +186,32 @@ def train_step(
 def train(argv: list[str] | None = None) -> int:
     # Config: the flags given, over a resumed run's saved config; every default and check is in nanogpt2/config.py.
     given = parse_flags(argv, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
-    ckpt = load_training_checkpoint(given["resume"]) if given.get("resume") is not None else None
-    cfg = from_flags(given, ckpt["args"] if ckpt else None)
+    ckpt = load_checkpoint(given["resume"]) if given.get("resume") is not None else None
+    cfg = from_flags(given, ckpt["train_config"] if ckpt else None)
     env = init_distributed(cfg.torch_device(), cfg.timeout())
     device = env.device
     if device.type == "cpu":
         keep_freed_memory()  # no page faults on the big per-step tensors
-    model_cfg = cfg.finalize(device, env.world_size, env.distributed, ckpt["config"] if ckpt else None)
+    cfg.fill_defaults(device, env.world_size)
+    model_cfg = cfg.model_config(ckpt["model_config"] if ckpt else None)
+    cfg.check(model_cfg, device, env.world_size, env.distributed)
 
     # Set up: data first (its errors before anything is written; a taken --out-dir before any tokenizing), then the
     # output directory, model and optimizer.
+    check_data(cfg.data)  # a --data that names nothing is the error to report, before a taken --out-dir
     refuse_taken_out_dir(cfg.out_dir, resuming=ckpt is not None, probe_lock=env.is_main)
-    train_loader, val_loader, note = build_loaders(cfg, model_cfg, env)
+    train_loader, val_loader, note = build_loaders(cfg, model_cfg.vocab_size, env)
     prepare_out_dir(cfg.out_dir, resuming=ckpt is not None, writer=env.is_main)  # rank 0 locks it till it exits
     dtype = compute_dtype(cfg.dtype, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # tf32 for what autocast leaves in fp32
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(model_cfg, attn=cfg.attn).to(device)  # the GPT itself (sharded in place by FSDP)
+    raw_model = GPT(model_cfg, attn_impl=cfg.attn).to(device)  # the GPT itself (sharded in place by FSDP)
     mode = parallel_mode(cfg.fsdp, env)
     model = parallelize(raw_model, mode, env, dtype, cfg.activation_checkpointing, cfg.compile)
     optimizer = build_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step = restore_run(cfg.out_dir, ckpt, raw_model, optimizer, scaler, train_loader) if ckpt else 0
+    step = restore_checkpoint(cfg.out_dir, ckpt, raw_model, optimizer, scaler, train_loader) if ckpt else 0
 
     autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
     record = run_record(cfg, model_cfg, device, dtype, env.world_size, raw_model.num_params()) | {"parallel": mode}
@@ -235,12 +225,12 @@ def train(argv: list[str] | None = None) -> int:
     tokens_per_step = cfg.batch_size * cfg.seq_len
     flops_per_step = raw_model.flops_per_token(cfg.seq_len) * tokens_per_step
     peak = peak_flops(device)
-    samples = cfg.samples_text(model_cfg)  # GPT-2 text the tokenizer can decode
+    samples = cfg.can_decode_samples(model_cfg)
     metrics = open_metrics(cfg.out_dir, step) if env.is_main else None
 
     def save(step: int) -> None:
-        save_run(cfg.out_dir, step, raw_model, optimizer, scaler, train_loader, model_cfg, cfg.to_dict(),
-                 sharded=mode == "fsdp", is_main=env.is_main)  # fmt: skip
+        save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, train_loader, model_cfg, cfg.to_dict(),
+                        sharded=mode == "fsdp", is_main=env.is_main)  # fmt: skip
 
     # The loop: one optimizer step, its log line and metrics row, then eval, checkpoint and sample when due.
     stop = StopFlag()
@@ -249,7 +239,7 @@ def train(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     try:
         while step < cfg.max_steps:
-            if launcher_gone(env):  # torchrun was killed (a fallback where PR_SET_PDEATHSIG is not available)
+            if launcher_gone(env.launcher):  # torchrun was killed (a fallback where PR_SET_PDEATHSIG is not available)
                 print(f"error: [rank {env.rank}] stopped: the torchrun launcher is gone", file=sys.stderr, flush=True)
                 os._exit(1)
             t0 = time.perf_counter()
@@ -259,7 +249,7 @@ def train(argv: list[str] | None = None) -> int:
             dt = time.perf_counter() - t0
             if not finite(loss_value, norm, scaler):
                 last = cfg.out_dir / TRAIN_CKPT if (cfg.out_dir / TRAIN_CKPT).exists() else "none yet"
-                raise ConfigError(
+                raise DivergedError(
                     f"loss {loss_value} / grad norm {norm} at step {step + 1} is not finite: stopped "
                     f"(last good checkpoint: {last}); try a lower --lr"
                 )
@@ -322,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     that found it and, for its peers, whose collectives then fail, a line that says so."""
     try:
         status = train(argv)
-    except (ConfigError, DataError, CheckpointError) as e:  # anything else is a bug and keeps its traceback
+    except USER_ERRORS as e:  # anything else is a bug and keeps its traceback
         if is_distributed():
             # The other ranks wait in a collective that will never come: exit at once, and torchrun stops them.
             print(f"error: [rank {torch.distributed.get_rank()}] {e}", file=sys.stderr, flush=True)

@@ -60,3 +60,14 @@ def environment(dry_run: bool) -> dict:
         "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+
+
+def model_loss(model, tokens, fused: bool):
+    """The training loss of a GPT on tokens (B, T + 1): its own fused loss, or the same loss from the full logits
+    (the unfused baseline), which holds the (B, T, vocab) logits and their gradient."""
+    from nanogpt2.loss import cross_entropy_of_logits
+
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    if fused:
+        return model(x, y)[1]
+    return cross_entropy_of_logits(model(x)[0], y, model.config.vocab_size)

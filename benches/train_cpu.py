@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from benches import common
+
 VARIANTS = ("before", "fused-loss", "default")
 PHASES = ("forward", "backward", "clip", "optimizer")
 
@@ -34,7 +36,7 @@ def run_variant(variant: str, steps: int, warmup: int, batch: int, seq_len: int,
     """Train `warmup + steps` steps of the recipe in this process: per-phase ms of the timed steps, peak RSS, losses."""
     import nanogpt2.loss
     from nanogpt2.model import GPT, GPTConfig
-    from nanogpt2.parallel import keep_freed_memory
+    from nanogpt2.runtime import keep_freed_memory
 
     if variant == "default":
         keep_freed_memory()  # as train.py does on a CPU
@@ -42,7 +44,6 @@ def run_variant(variant: str, steps: int, warmup: int, batch: int, seq_len: int,
         nanogpt2.loss.CHUNK_ROWS = chunk_rows
     torch.manual_seed(1337)
     model = GPT(GPTConfig.from_preset("nano")).train()
-    model.fused_loss = variant != "before"
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")  # fused AdamW, the default
     if variant != "default":  # the same parameter groups through the per-tensor (foreach) implementation
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
@@ -53,7 +54,7 @@ def run_variant(variant: str, steps: int, warmup: int, batch: int, seq_len: int,
     for step in range(warmup + steps):
         tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=g)
         t0 = time.perf_counter()
-        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss = common.model_loss(model, tokens, fused=variant != "before")
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()

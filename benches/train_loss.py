@@ -41,8 +41,7 @@ def run(variant: str, preset: str, batch: int, seq_len: int, steps: int, warmup:
     torch.manual_seed(1337)
     torch.set_float32_matmul_precision("high")  # tf32 for what autocast leaves in fp32, as train.py
     with torch.device(device):  # initialised in place: a 124M model set up on the CPU costs seconds per run
-        model = GPT(GPTConfig.from_preset(preset), attn="torch").train()
-    model.fused_loss = variant == "fused"
+        model = GPT(GPTConfig.from_preset(preset), attn_impl="torch").train()
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device)
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
@@ -52,7 +51,7 @@ def run(variant: str, preset: str, batch: int, seq_len: int, steps: int, warmup:
             sync()
             t0 = time.perf_counter()
             with torch.autocast(device, dtype=torch.bfloat16):
-                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+                loss = common.model_loss(model, tokens, fused=variant == "fused")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -2,13 +2,15 @@
 
 A training checkpoint holds everything a run needs to continue exactly where it stopped:
 
-    step     optimizer steps done            config   the GPTConfig (a dict)      args    the TrainConfig (a dict)
-    loader   the train loader's position     rng      torch's RNG state(s)        scaler  the fp16 GradScaler's state
+    format        FORMAT, this layout's version   step          optimizer steps done
+    model_config  the GPTConfig (a dict)          train_config  the TrainConfig (a dict)
+    loader        the train loader's position     rng           torch's RNG state(s)     scaler  fp16 GradScaler state
     model + optimizer (state dicts by parameter name), or sharded: the directory of FSDP's shards beside ckpt.pt
 
-`save_run` writes it (every rank calls it), `load_training_checkpoint` reads and checks it, `restore_run` puts it back
-into a model, optimizer, scaler and loader. `load_model` turns a training run or a Hugging Face directory into a model
-for inference (the HF format itself is hf.py's), and the CLI consolidates a run into one file:
+`save_checkpoint` writes it (every rank calls it), `load_checkpoint` reads and checks it before the model exists,
+`restore_checkpoint` puts it back into the model, optimizer, scaler and loader. `load_model` turns a training run or
+a Hugging Face directory into a model for inference (the HF format itself is hf.py's), and the CLI consolidates a run
+into one file:
 
     python -m nanogpt2.checkpoint RUN_DIR --out model.pt [--hf DIR]
 """
@@ -16,6 +18,7 @@ for inference (the HF format itself is hf.py's), and the CLI consolidates a run 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import warnings
@@ -26,75 +29,61 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from nanogpt2.errors import CheckpointError
 from nanogpt2.files import write_atomic
-from nanogpt2.hf import CheckpointError, check_hf_expressible, load_hf_gpt2, save_hf_gpt2
+from nanogpt2.hf import check_hf_expressible, load_hf_gpt2, save_hf_gpt2
 from nanogpt2.model import GPT, GPTConfig
 from nanogpt2.parallel import barrier
 
-__all__ = ["CheckpointError", "load_model", "load_training_checkpoint", "restore_run", "save_run"]
+__all__ = ["load_checkpoint", "load_model", "restore_checkpoint", "save_checkpoint"]
 
 TRAIN_CKPT = "ckpt.pt"
-TRAIN_CKPT_KEYS = ("config", "step", "loader", "rng", "args")  # plus model + optimizer, or sharded
+FORMAT = 2  # the layout above; 1 was nanogpt2 0.1.0's (keys "config" and "args"), which this version cannot resume
+TRAIN_CKPT_KEYS = ("format", "model_config", "train_config", "step", "loader", "rng")  # + model/optimizer or sharded
 SHARDS_DIR = "shards"  # FSDP's sharded checkpoints, one torch.distributed.checkpoint directory per saved step
 
 
-def save_training_checkpoint(out_dir: str | Path, state: dict) -> Path:
-    """Write `state` to out_dir/ckpt.pt atomically: a process killed at any moment, mid-save included, leaves either
-    the previous checkpoint or the new one, never a torn file."""
-    path = Path(out_dir) / TRAIN_CKPT
-    try:
-        write_atomic(path, lambda f: torch.save(state, f))
-    except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
-    for stale in path.parent.glob(f".{TRAIN_CKPT}.tmp-*"):  # left by a process killed mid-save
-        stale.unlink(missing_ok=True)
-    return path
+@contextlib.contextmanager
+def dcp_without_process_group():
+    """torch.distributed.checkpoint in a single process: DCP warns that no process group is joined, which is meant."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
-def load_training_checkpoint(out_dir: str | Path) -> dict:
-    """The training checkpoint in out_dir, checked to hold every key a resumed run needs."""
-    out_dir = Path(out_dir)
-    path = out_dir / TRAIN_CKPT
-    if not out_dir.is_dir():
-        raise CheckpointError(f"cannot resume: {out_dir} is not a directory")
-    if not path.is_file():
-        raise CheckpointError(f"cannot resume: {out_dir} holds no checkpoint ({TRAIN_CKPT})")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many types on a torn or foreign file; all mean the same here
-        raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint ({type(err).__name__})") from None
-    missing = [k for k in TRAIN_CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if not missing and "sharded" not in ckpt:
-        missing = [k for k in ("model", "optimizer") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"cannot resume: {path} is not a training checkpoint (missing {', '.join(missing)})")
-    if "sharded" in ckpt and not (out_dir / ckpt["sharded"] / ".metadata").is_file():
-        raise CheckpointError(f"cannot resume: {path} points to {out_dir / ckpt['sharded']}, which is missing or torn")
-    return ckpt
-
-
-def save_train_state(
-    out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, sharded: bool, is_main: bool
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loader,
+    model_config: GPTConfig,
+    train_config: dict,
+    sharded: bool,
+    is_main: bool,
 ) -> None:
-    """Checkpoint a run, whatever its parallel mode; every rank calls this.
+    """Checkpoint a run after `step` optimizer steps, whatever its parallel mode; every rank calls this.
 
     Model and optimizer state are taken by parameter name (torch.distributed.checkpoint.state_dict), so any mode and
-    world size can resume them. Unsharded: rank 0 writes them with `meta` into ckpt.pt. Sharded (FSDP): every rank
-    writes its own shards under shards/step_N/ (no rank gathers the whole model), then rank 0 writes ckpt.pt with
-    `meta` and a pointer to them. ckpt.pt is replaced atomically last, so a run killed mid-save resumes from the
-    previous checkpoint.
+    world size can resume them. Unsharded: rank 0 writes them into ckpt.pt. Sharded (FSDP): every rank writes its own
+    shards under shards/step_N/ (no rank gathers the whole model), then rank 0 writes ckpt.pt pointing to them.
+    ckpt.pt is replaced atomically last, so a run killed at any moment, mid-save included, resumes from the previous
+    checkpoint or the new one, never a torn file.
     """
-    out_dir = Path(out_dir)
+    device = next(model.parameters()).device
+    meta = {"format": FORMAT, "step": step, "model_config": model_config.to_dict(), "train_config": train_config,
+            "loader": loader.state_dict(), "rng": rng_state(device), "scaler": scaler.state_dict()}  # fmt: skip
     if not sharded:
         model_state, optim_state = get_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         if is_main:
-            save_training_checkpoint(out_dir, {**meta, "model": model_state, "optimizer": optim_state})
+            _write_ckpt_file(out_dir, {**meta, "model": model_state, "optimizer": optim_state})
             shutil.rmtree(out_dir / SHARDS_DIR, ignore_errors=True)  # of a sharded run this one resumed
         barrier()
         return
-    name = f"{SHARDS_DIR}/step_{meta['step']:08d}"
+    name = f"{SHARDS_DIR}/step_{step:08d}"
     if is_main:  # left by a run killed before its ckpt.pt pointed there: not this run's state
         shutil.rmtree(out_dir / name, ignore_errors=True)
     barrier()
@@ -105,35 +94,21 @@ def save_train_state(
         raise CheckpointError(f"cannot write sharded checkpoint {out_dir / name}: {err}".splitlines()[0]) from None
     barrier()
     if is_main:
-        save_training_checkpoint(out_dir, {**meta, "sharded": name})
+        _write_ckpt_file(out_dir, {**meta, "sharded": name})
         for old in (out_dir / SHARDS_DIR).iterdir():
             if old.name != Path(name).name:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
 
 
-def load_train_state(run_dir: str | Path, ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a checkpoint's model and optimizer state into this run's (possibly sharded) model and optimizer.
-
-    A whole-model checkpoint is sliced into this rank's shards; a sharded one is resharded to this run's layout,
-    whatever world size wrote it.
-    """
-    if "sharded" in ckpt:
-        model_state, optim_state = get_state_dict(model, optimizer)  # this run's layout, as the template to fill
-        state = {"model": model_state, "optimizer": optim_state}
-        with warnings.catch_warnings():  # a single process loads without a process group, which DCP warns about
-            warnings.simplefilter("ignore", UserWarning)
-            try:
-                dcp.load(state, checkpoint_id=Path(run_dir) / ckpt["sharded"])
-            except dcp.CheckpointException as err:  # a BaseException: every shard's failure, gathered
-                shards = Path(run_dir) / ckpt["sharded"]
-                raise CheckpointError(f"cannot resume from {shards}: {err}".splitlines()[0]) from None
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    else:
-        options = StateDictOptions(full_state_dict=True)
-        set_state_dict(
-            model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"], options=options
-        )
+def _write_ckpt_file(out_dir: Path, state: dict) -> None:
+    path = out_dir / TRAIN_CKPT
+    try:
+        write_atomic(path, lambda f: torch.save(state, f))
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    for stale in path.parent.glob(f".{TRAIN_CKPT}.tmp-*"):  # left by a process killed mid-save
+        stale.unlink(missing_ok=True)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -144,26 +119,34 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
-def save_run(
-    out_dir: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    loader,
-    config: GPTConfig,
-    args: dict,
-    sharded: bool,
-    is_main: bool,
-) -> None:
-    """Checkpoint a run after `step` optimizer steps (every rank calls this); `args` is the TrainConfig as a dict."""
-    device = next(model.parameters()).device
-    meta = {"step": step, "scaler": scaler.state_dict(), "config": config.to_dict(), "args": args}
-    meta |= {"loader": loader.state_dict(), "rng": rng_state(device)}
-    save_train_state(out_dir, model, optimizer, meta, sharded=sharded, is_main=is_main)
+def load_checkpoint(out_dir: str | Path) -> dict:
+    """The training checkpoint in out_dir, checked to be of this format and to hold every key a resumed run needs."""
+    out_dir = Path(out_dir)
+    path = out_dir / TRAIN_CKPT
+    if not out_dir.is_dir():
+        raise CheckpointError(f"cannot resume: {out_dir} is not a directory")
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {out_dir} holds no checkpoint ({TRAIN_CKPT})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types on a torn or foreign file; all mean the same here
+        raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint ({type(err).__name__})") from None
+    if isinstance(ckpt, dict) and "step" in ckpt and ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"cannot resume: {path} is a checkpoint of another nanogpt2 version (format {ckpt.get('format', 1)}, this "
+            f"version reads {FORMAT}): resume it with the version that wrote it"
+        )
+    missing = [k for k in TRAIN_CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if not missing and "sharded" not in ckpt:
+        missing = [k for k in ("model", "optimizer") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"cannot resume: {path} is not a training checkpoint (missing {', '.join(missing)})")
+    if "sharded" in ckpt and not (out_dir / ckpt["sharded"] / ".metadata").is_file():
+        raise CheckpointError(f"cannot resume: {path} points to {out_dir / ckpt['sharded']}, which is missing or torn")
+    return ckpt
 
 
-def restore_run(
+def restore_checkpoint(
     run_dir: Path,
     ckpt: dict,
     model: nn.Module,
@@ -171,11 +154,29 @@ def restore_run(
     scaler: torch.amp.GradScaler,
     loader,
 ) -> int:
-    """Put a checkpoint (from load_training_checkpoint) back into this run's objects; returns the step to go on from."""
+    """Put a checkpoint (from load_checkpoint) back into this run's objects; returns the step to go on from.
+
+    A whole-model checkpoint is sliced into this rank's shards; a sharded one is resharded to this run's layout,
+    whatever world size wrote it.
+    """
     device = next(model.parameters()).device
     try:
-        load_train_state(run_dir, ckpt, model, optimizer)
-        if scaler.is_enabled() and ckpt.get("scaler"):
+        if "sharded" in ckpt:
+            model_state, optim_state = get_state_dict(model, optimizer)  # this run's layout, as the template to fill
+            state = {"model": model_state, "optimizer": optim_state}
+            shards = Path(run_dir) / ckpt["sharded"]
+            try:
+                with dcp_without_process_group():
+                    dcp.load(state, checkpoint_id=shards)
+            except dcp.CheckpointException as err:  # a BaseException: every shard's failure, gathered
+                raise CheckpointError(f"cannot resume from {shards}: {err}".splitlines()[0]) from None
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        else:
+            options = StateDictOptions(full_state_dict=True)
+            set_state_dict(
+                model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"], options=options
+            )
+        if scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
@@ -186,24 +187,22 @@ def restore_run(
     return ckpt["step"]
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", attn: str = "torch", **overrides) -> GPT:
+def load_model(path: str | Path, device: str | torch.device = "cpu", attn_impl: str = "torch", **overrides) -> GPT:
     """A model for inference from a HF directory or cached name, or a training run (its directory or ckpt.pt file).
 
-    `attn` is the attention implementation to run with ("triton" needs CUDA), whatever the run trained with;
+    `attn_impl` is the attention implementation to run with ("triton" needs CUDA), whatever the run trained with;
     `overrides` change config fields. A sharded (FSDP) training checkpoint is consolidated here, in one process.
     """
     path = Path(path)
     ckpt_file = path / TRAIN_CKPT if path.is_dir() else path
     if not ckpt_file.is_file():
-        return load_hf_gpt2(path, attn=attn, **overrides).to(device)
+        return load_hf_gpt2(path, attn_impl=attn_impl, **overrides).to(device)
     try:
         ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-        config = {k: v for k, v in ckpt["config"].items() if k != "attn"}  # older runs saved attn in the config
-        model = GPT(GPTConfig(**{**config, **overrides}), attn=attn)
+        model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}), attn_impl=attn_impl)
         if "sharded" in ckpt:
             state = {"model": model.state_dict()}
-            with warnings.catch_warnings():  # loading without a process group, which DCP warns about
-                warnings.simplefilter("ignore", UserWarning)
+            with dcp_without_process_group():
                 dcp.load(state, checkpoint_id=ckpt_file.parent / ckpt["sharded"])
             model.load_state_dict(state["model"])
         else:
@@ -223,7 +222,9 @@ def export_main(argv: list[str] | None = None) -> int:
         "for sampling, and optionally into a Hugging Face GPT-2 directory.",
     )
     parser.add_argument("run", help="training output directory (or its ckpt.pt)")
-    parser.add_argument("--out", help="file to write, which must not exist: {'model': full state dict, 'config': ...}")
+    parser.add_argument(
+        "--out", help="file to write, which must not exist: {'model': full state dict, 'model_config': GPTConfig dict}"
+    )
     parser.add_argument(
         "--hf", help="also write a Hugging Face GPT-2 directory here, which must not exist (plain GPT-2 configs only)"
     )
@@ -238,7 +239,7 @@ def export_main(argv: list[str] | None = None) -> int:
         if args.hf:
             check_hf_expressible(model.config)  # before anything is written
         if args.out:
-            exported = {"model": model.state_dict(), "config": model.config.to_dict()}
+            exported = {"model": model.state_dict(), "model_config": model.config.to_dict()}
             write_atomic(args.out, lambda f: torch.save(exported, f))
             print(f"wrote {args.out}")
         if args.hf:

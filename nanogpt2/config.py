@@ -1,7 +1,7 @@
 """The training configuration: `TrainConfig`, its command line, every default and every check, in one place.
 
-Each field is one flag of train.py (`--batch-size` is `batch_size`); its metadata holds the help text, the --help group
-and how a resumed run treats it:
+Each field is one flag of train.py (`--batch-size` is `batch_size`), declared with its default, its --help group and
+text, and how a resumed run treats it (`kind`):
 
 - run: defines the model, the data or the optimisation; a resumed run keeps the checkpoint's, and a flag given again
   must agree with it;
@@ -9,9 +9,9 @@ and how a resumed run treats it:
   checkpoint, chosen afresh on every start;
 - the rest (steps, logging, device, dtype, grad-accum) come from the checkpoint unless given again.
 
-A field left None is filled by `finalize` from the device's defaults (DEVICE_DEFAULTS) and the model's block size;
-`finalize` then checks the whole, raising ConfigError with the flag to change. Building the model, data and run
-directory from a config is train.py's.
+train.py makes a config in three named calls: `fill_defaults` sets what was left None from the device's defaults
+(DEVICE_DEFAULTS), `model_config` builds the GPTConfig (the preset and the model flags, or a resumed run's), and
+`check` rejects impossible values with a ConfigError that names the flag to change.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from nanogpt2.data import DATA_ORDERS
-from nanogpt2.model import POS_EMBS, PRESETS, GPTConfig, check_attn
-from nanogpt2.parallel import parse_device
-from nanogpt2.recall import RECALL_DATA, RECALL_VOCAB
+from nanogpt2.errors import ConfigError
+from nanogpt2.model import POS_EMBS, PRESETS, GPTConfig, check_attn_impl
+from nanogpt2.prepare import TASKS, data_vocab
+from nanogpt2.runtime import parse_device
 from nanogpt2.tokenizer import VOCAB_SIZE
 
 # Defaults that depend on the device: a run of a few minutes on a 2-core CPU, GPT-2 124M on a GPU.
@@ -39,144 +40,78 @@ DEVICE_DEFAULTS = {
 CPU, GPU = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
 # Flags that override the preset's config.
 MODEL_FIELDS = ("vocab_size", "n_layer", "block_size", "pos_emb", "n_kv_head", "window", "dropout")
-GROUPS = {
-    "model and data": None,
-    "batch and schedule": None,
-    "evaluation, output and resuming": None,
-    "device": None,
-    "parallel training": "Under torchrun (RANK/WORLD_SIZE set) the run is DDP, or FSDP with --fsdp; NCCL on CUDA, "
-    "gloo on CPU. --batch-size stays the global batch: each optimizer step reads batch-size sequences in grad-accum "
-    "micro-steps, each micro-batch split evenly across the ranks, so a step sees the same data at any world size. "
-    "Multi-node: torchrun --nnodes N --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...",
+
+# The --help groups, in order, and the text under each.
+MODEL_AND_DATA = "model and data"
+BATCH_AND_SCHEDULE = "batch and schedule"
+EVAL_AND_OUTPUT = "evaluation, output and resuming"
+DEVICE = "device"
+PARALLEL = "parallel training"
+GROUPS = (MODEL_AND_DATA, BATCH_AND_SCHEDULE, EVAL_AND_OUTPUT, DEVICE, PARALLEL)
+GROUP_TEXT = {
+    PARALLEL: "Under torchrun (RANK/WORLD_SIZE set) the run is DDP, or FSDP with --fsdp; NCCL on CUDA, gloo on CPU. "
+    "--batch-size stays the global batch: each optimizer step reads batch-size sequences in grad-accum micro-steps, "
+    "each micro-batch split evenly across the ranks, so a step sees the same data at any world size. Multi-node: "
+    "torchrun --nnodes N --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...",
 }
 
 
-class ConfigError(Exception):
-    """Flags, or flags and a checkpoint, that make the run impossible; the message names the flag to change."""
-
-
-def dflt(key: str) -> str:
+def by_device(key: str) -> str:
+    """The help text's "(default: ...)" for a default that depends on the device."""
     return f"(default: {CPU[key]} on CPU, {GPU[key]} on CUDA)"
 
 
-def flag(group: str, help: str, default=None, type=None, kind: str = "", **argparse_kwargs):
+def flag(*, group: str, help: str, default=None, type=None, kind: str = "", **argparse_kwargs):
     """A TrainConfig field: its default, and the metadata its command-line flag is made from."""
-    meta = dict(group=group, help=help, type=type, kind=kind, argparse=argparse_kwargs)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=dict(group=group, help=help, type=type, kind=kind, argparse=argparse_kwargs))
 
 
-MD, BS, EV, DV, PT = GROUPS  # the group names, in --help order
-
-
+# fmt: off
 @dataclass
 class TrainConfig:
     # model and data
-    preset: str | None = flag(MD, f"model preset {dflt('preset')}", type=str, kind="run", choices=list(PRESETS))
-    data: str = flag(
-        MD,
-        "corpus name (shakespeare), directory or glob of .bin shards, text file(s) or directory of text (tokenized "
-        f"into the data cache), 'synthetic', or '{RECALL_DATA}' (multi-query associative recall, drawn from the "
-        "seed; see nanogpt2/recall.py) (default: shakespeare)",
-        "shakespeare",
-        str,
-        "run",
-    )
-    data_order: str = flag(
-        MD, "order of the training windows: shuffled (each epoch visits every window once, in an order drawn from "
-        "the seed and the epoch) or sequential (the token stream front to back); val is read in order (default: "
-        "shuffled)", "shuffled", str, "run", choices=list(DATA_ORDERS)
-    )  # fmt: skip
-    vocab_size: int | None = flag(
-        MD, "token ids the model embeds and predicts, at least the corpus's (default: the corpus's: "
-        f"{RECALL_VOCAB} for {RECALL_DATA}, GPT-2's {VOCAB_SIZE:,} otherwise)", type=int, kind="run"
-    )  # fmt: skip
-    dropout: float | None = flag(MD, "dropout probability (default: the preset's, 0.0)", type=float, kind="run")
-    block_size: int | None = flag(MD, "training context of the model (default: the preset's)", type=int, kind="run")
-    pos_emb: str | None = flag(
-        MD, "learned positions or rotary (default: the preset's)", type=str, kind="run", choices=POS_EMBS
-    )
-    n_layer: int | None = flag(MD, "transformer blocks (default: the preset's)", type=int, kind="run")
-    n_kv_head: int | None = flag(MD, "K/V heads, fewer than heads for GQA (default: the preset's)", None, int, "run")
-    window: int | None = flag(
-        MD, "sliding-window attention over this many keys (default: the preset's)", type=int, kind="run"
-    )
-    attn: str = flag(
-        MD,
-        "attention/RoPE implementation: torch (SDPA) or triton (the kernels in nanogpt2/kernels/, CUDA only; the "
-        "attention kernel has no dropout, so with --dropout > 0 training attention runs through SDPA) "
-        "(default: auto: triton on CUDA, torch on CPU)",
-        "auto",
-        str,
-        "how",
-        choices=["auto", "torch", "triton"],
-    )
+    preset: str | None = flag(group=MODEL_AND_DATA, type=str, kind="run", choices=list(PRESETS), help=f"model preset {by_device('preset')}")
+    data: str = flag(group=MODEL_AND_DATA, default="shakespeare", type=str, kind="run", help="corpus name (shakespeare), directory or glob of .bin shards, text file(s) or directory of text (tokenized into the data cache), 'synthetic' (random tokens), or a task of the repository: " + ", ".join(f"'{name}' ({module.replace('.', '/')}.py)" for name, module in TASKS.items()) + " (default: shakespeare)")
+    data_order: str = flag(group=MODEL_AND_DATA, default="shuffled", type=str, kind="run", choices=list(DATA_ORDERS), help="order of the training windows: shuffled (each epoch visits every window once, in an order drawn from the seed and the epoch) or sequential (the token stream front to back); val is read in order (default: shuffled)")
+    vocab_size: int | None = flag(group=MODEL_AND_DATA, type=int, kind="run", help=f"token ids the model embeds and predicts, at least the data's (default: the data's: GPT-2's {VOCAB_SIZE:,} for text, a task's own)")
+    dropout: float | None = flag(group=MODEL_AND_DATA, type=float, kind="run", help="dropout probability (default: the preset's, 0.0)")
+    block_size: int | None = flag(group=MODEL_AND_DATA, type=int, kind="run", help="training context of the model (default: the preset's)")
+    pos_emb: str | None = flag(group=MODEL_AND_DATA, type=str, kind="run", choices=POS_EMBS, help="learned positions or rotary (default: the preset's)")
+    n_layer: int | None = flag(group=MODEL_AND_DATA, type=int, kind="run", help="transformer blocks (default: the preset's)")
+    n_kv_head: int | None = flag(group=MODEL_AND_DATA, type=int, kind="run", help="K/V heads, fewer than heads for GQA (default: the preset's)")
+    window: int | None = flag(group=MODEL_AND_DATA, type=int, kind="run", help="sliding-window attention over this many keys (default: the preset's)")
+    attn: str = flag(group=MODEL_AND_DATA, default="auto", type=str, kind="how", choices=["auto", "torch", "triton"], help="attention/RoPE implementation: torch (SDPA) or triton (the kernels in nanogpt2/kernels/, CUDA only; the attention kernel has no dropout, so with --dropout > 0 training attention runs through SDPA) (default: auto: triton on CUDA, torch on CPU)")
     # batch and schedule
-    max_steps: int | None = flag(BS, f"optimizer steps to train for {dflt('max_steps')}", type=int)
-    batch_size: int | None = flag(BS, f"GLOBAL sequences per optimizer step {dflt('batch_size')}", type=int, kind="run")
-    seq_len: int | None = flag(
-        BS, f"tokens per sequence (default: {CPU['seq_len']} on CPU, {GPU['seq_len']} on CUDA, at most the "
-        "model's block size)", type=int, kind="run"
-    )  # fmt: skip
-    grad_accum: int | None = flag(
-        BS,
-        "micro-steps per optimizer step; batch-size must divide by grad-accum x world size (default: the most "
-        f"micro-steps of at least {CPU['micro_batch']} rows per rank on CPU, {GPU['micro_batch']} on CUDA, that "
-        "divide the batch)",
-        type=int,
-    )
-    lr: float | None = flag(BS, f"peak learning rate {dflt('lr')}", type=float, kind="run")
-    min_lr: float | None = flag(BS, "learning rate at the cosine decay's end (default: lr / 10)", None, float, "run")
-    warmup_steps: int | None = flag(
-        BS, f"linear warmup steps (default: max-steps / 10, at most {CPU['warmup_steps']} on CPU, "
-        f"{GPU['warmup_steps']} on CUDA)", type=int, kind="run"
-    )  # fmt: skip
-    decay_steps: int | None = flag(
-        BS, "step where the cosine decay reaches min-lr (default: max-steps; kept on resume, so a run resumed with a "
-        "larger --max-steps continues at min-lr)", type=int, kind="run"
-    )  # fmt: skip
-    optimizer: str = flag(
-        BS, "adamw (fused on CPU and CUDA), or plain sgd, for checking parallel modes against each other "
-        "(default: adamw)", "adamw", str, "run", choices=["adamw", "sgd"]
-    )  # fmt: skip
-    weight_decay: float = flag(BS, "AdamW weight decay of 2-D weights (default: 0.1)", 0.1, float, "run")
-    beta1: float = flag(BS, "AdamW beta1 (default: 0.9)", 0.9, float, "run")
-    beta2: float = flag(BS, "AdamW beta2 (default: 0.95)", 0.95, float, "run")
-    grad_clip: float = flag(BS, "clip the global grad norm; 0: off (default: 1.0)", 1.0, float, "run")
-    seed: int = flag(
-        BS, "seed of the weights, dropout, the shuffled data order and synthetic and recall data, in [0, 2**63) "
-        "(default: 1337)", 1337, int, "run"
-    )  # fmt: skip
+    max_steps: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, help=f"optimizer steps to train for {by_device('max_steps')}")
+    batch_size: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, kind="run", help=f"GLOBAL sequences per optimizer step {by_device('batch_size')}")
+    seq_len: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, kind="run", help=f"tokens per sequence (default: {CPU['seq_len']} on CPU, {GPU['seq_len']} on CUDA, at most the model's block size)")
+    grad_accum: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, help=f"micro-steps per optimizer step; batch-size must divide by grad-accum x world size (default: the most micro-steps of at least {CPU['micro_batch']} rows per rank on CPU, {GPU['micro_batch']} on CUDA, that divide the batch)")
+    lr: float | None = flag(group=BATCH_AND_SCHEDULE, type=float, kind="run", help=f"peak learning rate {by_device('lr')}")
+    min_lr: float | None = flag(group=BATCH_AND_SCHEDULE, type=float, kind="run", help="learning rate at the cosine decay's end (default: lr / 10)")
+    warmup_steps: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, kind="run", help=f"linear warmup steps (default: max-steps / 10, at most {CPU['warmup_steps']} on CPU, {GPU['warmup_steps']} on CUDA)")
+    decay_steps: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, kind="run", help="step where the cosine decay reaches min-lr (default: max-steps; kept on resume, so a run resumed with a larger --max-steps continues at min-lr)")
+    optimizer: str = flag(group=BATCH_AND_SCHEDULE, default="adamw", type=str, kind="run", choices=["adamw", "sgd"], help="adamw (fused on CPU and CUDA), or plain sgd, for checking parallel modes against each other (default: adamw)")
+    weight_decay: float = flag(group=BATCH_AND_SCHEDULE, default=0.1, type=float, kind="run", help="AdamW weight decay of 2-D weights (default: 0.1)")
+    beta1: float = flag(group=BATCH_AND_SCHEDULE, default=0.9, type=float, kind="run", help="AdamW beta1 (default: 0.9)")
+    beta2: float = flag(group=BATCH_AND_SCHEDULE, default=0.95, type=float, kind="run", help="AdamW beta2 (default: 0.95)")
+    grad_clip: float = flag(group=BATCH_AND_SCHEDULE, default=1.0, type=float, kind="run", help="clip the global grad norm; 0: off (default: 1.0)")
+    seed: int = flag(group=BATCH_AND_SCHEDULE, default=1337, type=int, kind="run", help="seed of the weights, dropout, the shuffled data order and synthetic and task data, in [0, 2**63) (default: 1337)")
     # evaluation, output and resuming
-    eval_every: int | None = flag(EV, f"val loss every N steps and at the end; 0: at the end only {dflt('eval_every')}",
-                                  type=int)  # fmt: skip
-    eval_batches: int | None = flag(EV, f"micro-batches per val loss {dflt('eval_batches')}", type=int)
-    sample_every: int = flag(EV, "print a sample every N steps; 0: at the end only (default: 0)", 0, int)
-    save_every: int | None = flag(
-        EV, "checkpoint every N steps, at the end and on Ctrl-C; 0: those two only (default: eval-every)", type=int
-    )
-    out_dir: Path | None = flag(
-        EV, "where the checkpoint, metrics.jsonl and run.json go (default: out)", type=Path, kind="how"
-    )
-    resume: Path | None = flag(
-        EV, "continue the run whose checkpoint is in OUT_DIR, with its config (flags given again override its "
-        "step, logging and device settings); --resume OUT --max-steps N trains the steps past the old --max-steps at "
-        "the schedule's final learning rate, --min-lr", type=Path, kind="how", metavar="OUT_DIR"
-    )  # fmt: skip
+    eval_every: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help=f"val loss every N steps and at the end; 0: at the end only {by_device('eval_every')}")
+    eval_batches: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help=f"micro-batches per val loss {by_device('eval_batches')}")
+    sample_every: int = flag(group=EVAL_AND_OUTPUT, default=0, type=int, help="print a sample every N steps; 0: at the end only (default: 0)")
+    save_every: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help="checkpoint every N steps, at the end and on Ctrl-C; 0: those two only (default: eval-every)")
+    out_dir: Path | None = flag(group=EVAL_AND_OUTPUT, type=Path, kind="how", help="where the checkpoint, metrics.jsonl and run.json go (default: out)")
+    resume: Path | None = flag(group=EVAL_AND_OUTPUT, type=Path, kind="how", metavar="OUT_DIR", help="continue the run whose checkpoint is in OUT_DIR, with its config (flags given again override its step, logging and device settings); --resume OUT --max-steps N trains the steps past the old --max-steps at the schedule's final learning rate, --min-lr")
     # device
-    device: str = flag(DV, "auto, cpu, cuda or cuda:N (default: auto: cuda if available; a resumed run keeps its own)",
-                       "auto", str)  # fmt: skip
-    dtype: str = flag(
-        DV, "autocast dtype (default: auto: bfloat16 on CUDA, float16 + GradScaler where bf16 is unsupported, "
-        "float32 on CPU)", "auto", str, choices=["auto", "float32", "bfloat16", "float16"]
-    )  # fmt: skip
-    compile: bool = flag(DV, "torch.compile each transformer block", False, kind="how")
+    device: str = flag(group=DEVICE, default="auto", type=str, help="auto, cpu, cuda or cuda:N (default: auto: cuda if available; a resumed run keeps its own)")
+    dtype: str = flag(group=DEVICE, default="auto", type=str, choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype (default: auto: bfloat16 on CUDA, float16 + GradScaler where bf16 is unsupported, float32 on CPU)")
+    compile: bool = flag(group=DEVICE, default=False, kind="how", help="torch.compile each transformer block")
     # parallel training
-    fsdp: bool = flag(PT, "shard parameters, gradients and optimizer state (FSDP2)", False, kind="how")
-    activation_checkpointing: bool = flag(PT, "recompute each block's activations in the backward", False, kind="how")
-    dist_timeout: float = flag(
-        PT, "seconds a collective may wait for the other ranks before the run fails, e.g. when a rank is stuck "
-        "(default: 600)", 600.0, float, "how", metavar="SECONDS"
-    )  # fmt: skip
+    fsdp: bool = flag(group=PARALLEL, default=False, kind="how", help="shard parameters, gradients and optimizer state (FSDP2)")
+    activation_checkpointing: bool = flag(group=PARALLEL, default=False, kind="how", help="recompute each block's activations in the backward")
+    dist_timeout: float = flag(group=PARALLEL, default=600.0, type=float, kind="how", metavar="SECONDS", help="seconds a collective may wait for the other ranks before the run fails, e.g. when a rank is stuck (default: 600)")
+    # fmt: on
 
     @staticmethod
     def kind(name: str) -> str:
@@ -199,11 +134,8 @@ class TrainConfig:
             raise ConfigError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         return self.dist_timeout
 
-    def finalize(self, device: torch.device, world_size: int, distributed: bool, saved_model: dict | None = None):
-        """Fill what is unset from the device's defaults, check everything; returns the model's GPTConfig.
-
-        `saved_model` is a resumed run's GPTConfig (a dict): the model is rebuilt from it, not from the flags.
-        """
+    def fill_defaults(self, device: torch.device, world_size: int) -> None:
+        """Set every field left None (or "auto") from the device's defaults; a resumed run has most of them saved."""
         defaults = DEVICE_DEFAULTS[device.type]
         self.device = device.type if self.device == "auto" else self.device  # saved, so a resumed run keeps it
         self.attn = defaults["attn"] if self.attn == "auto" else self.attn
@@ -216,28 +148,26 @@ class TrainConfig:
         self.decay_steps = self.max_steps if self.decay_steps is None else self.decay_steps
         self.save_every = self.eval_every if self.save_every is None else self.save_every
         self.out_dir = Path("out") if self.out_dir is None else self.out_dir
-        model = self.model_config(saved_model)
         if self.seq_len is None:
-            self.seq_len = min(defaults["seq_len"], model.block_size)
-        self.check(model, device, distributed)
+            block_size = self.block_size or GPTConfig.from_preset(self.preset).block_size
+            self.seq_len = min(defaults["seq_len"], block_size)
         if self.grad_accum is None:
             self.grad_accum = auto_grad_accum(self.batch_size, world_size, defaults["micro_batch"])
-        self.check_batch(world_size)
-        return model
 
     def model_config(self, saved: dict | None = None) -> GPTConfig:
-        """The preset with the flags' overrides, or a resumed run's saved config."""
+        """The preset with the model flags' overrides (and the data's vocabulary), or a resumed run's saved config."""
         try:
             if saved is not None:
-                return GPTConfig(**{k: v for k, v in saved.items() if k != "attn"})  # older runs saved attn here
+                return GPTConfig(**saved)
             overrides = {key: getattr(self, key) for key in MODEL_FIELDS if getattr(self, key) is not None}
-            if self.data == RECALL_DATA:
-                overrides.setdefault("vocab_size", RECALL_VOCAB)
+            vocab = data_vocab(self.data)
+            if vocab is not None:
+                overrides.setdefault("vocab_size", vocab)
             return GPTConfig.from_preset(self.preset, **overrides)
         except (ValueError, TypeError) as e:  # TypeError: a saved config with fields this GPTConfig does not have
             raise ConfigError(f"model config: {e}") from None
 
-    def check(self, model: GPTConfig, device: torch.device, distributed: bool) -> None:
+    def check(self, model: GPTConfig, device: torch.device, world_size: int, distributed: bool) -> None:
         """Reject impossible values and combinations with a message that names the flag."""
         for key in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
             if not math.isfinite(getattr(self, key)):
@@ -255,7 +185,7 @@ class TrainConfig:
                 raise ConfigError(f"{flag_name(key)} must not be negative, got {getattr(self, key)}")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}")
-        needed = corpus_vocab(self.data)
+        needed = data_vocab(self.data)
         if needed is not None and model.vocab_size < needed:
             raise ConfigError(
                 f"--vocab-size {model.vocab_size} is smaller than --data {self.data}'s {needed:,} token ids"
@@ -270,22 +200,20 @@ class TrainConfig:
         if self.attn == "triton" and device.type != "cuda":
             raise ConfigError("--attn triton needs a CUDA device (tests run the kernels through Triton's interpreter)")
         try:
-            check_attn(model, self.attn)
+            check_attn_impl(model, self.attn)
         except ValueError as e:
             raise ConfigError(f"--attn {self.attn}: {e}") from None
         if self.fsdp and not distributed:
             raise ConfigError("--fsdp needs torchrun, e.g. torchrun --standalone --nproc_per_node=2 train.py --fsdp")
-
-    def check_batch(self, world_size: int) -> None:
         if self.batch_size % (self.grad_accum * world_size) != 0:
             raise ConfigError(
                 f"--batch-size {self.batch_size} does not divide into --grad-accum {self.grad_accum} x world size "
                 f"{world_size} micro-batches of whole sequences"
             )
 
-    def samples_text(self, model: GPTConfig) -> bool:
+    def can_decode_samples(self, model: GPTConfig) -> bool:
         """Whether the model's samples are GPT-2 text that the tokenizer can decode."""
-        return self.data != RECALL_DATA and model.vocab_size == VOCAB_SIZE
+        return model.vocab_size == VOCAB_SIZE and data_vocab(self.data) in (None, VOCAB_SIZE)
 
     def notes(self, model: GPTConfig) -> list[str]:
         """What the user should know about how this config runs."""
@@ -294,8 +222,9 @@ class TrainConfig:
             notes.append(f"--attn triton with dropout {model.dropout}: training attention runs through SDPA (the "
                          "Triton attention kernel has no dropout); RoPE and evaluation use the kernels")  # fmt: skip
         notes += self.ineffective_flags(model)
-        if not self.samples_text(model):
-            why = f"--data {RECALL_DATA}" if self.data == RECALL_DATA else f"a {model.vocab_size:,}-token vocabulary"
+        if not self.can_decode_samples(model):
+            text = data_vocab(self.data) in (None, VOCAB_SIZE)
+            why = f"a {model.vocab_size:,}-token vocabulary" if text else f"--data {self.data}"
             notes.append(f"no text samples: {why} is not GPT-2 text")
         return notes
 
@@ -315,15 +244,6 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
-# What a run saved before a flag existed did, where that differs from the flag's default.
-BEFORE_THE_FLAG = {"data_order": "sequential"}
-
-
-def corpus_vocab(data: str) -> int | None:
-    """The vocabulary a --data value needs: recall's, GPT-2's for text, None for synthetic (drawn below the model's)."""
-    if data == RECALL_DATA:
-        return RECALL_VOCAB
-    return None if data == "synthetic" else VOCAB_SIZE
 
 
 def flag_name(key: str) -> str:
@@ -347,7 +267,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser(description: str = "", epilog: str = "") -> argparse.ArgumentParser:
     """train.py's command line, one flag per TrainConfig field; a flag not given leaves no attribute (SUPPRESS)."""
     p = Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = {name: p.add_argument_group(name, text) for name, text in GROUPS.items()}
+    groups = {name: p.add_argument_group(name, GROUP_TEXT.get(name)) for name in GROUPS}
     for f in fields(TrainConfig):
         meta = f.metadata
         kwargs = dict(help=meta["help"], default=argparse.SUPPRESS, **meta["argparse"])
@@ -380,4 +300,4 @@ def from_flags(given: dict, saved: dict | None = None) -> TrainConfig:
                 "data and optimiser settings (start a new run in another --out-dir instead)"
             )
     kept = {k: v for k, v in saved.items() if k in FIELDS and TrainConfig.kind(k) != "how"}
-    return TrainConfig(**{**BEFORE_THE_FLAG, **kept, **given, "out_dir": given["resume"]})
+    return TrainConfig(**{**kept, **given, "out_dir": given["resume"]})

@@ -13,10 +13,12 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from nanogpt2.errors import DataError
 from nanogpt2.files import write_atomic
 from nanogpt2.tokenizer import VOCAB_SIZE
 
@@ -24,10 +26,6 @@ MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-
-
-class DataError(Exception):
-    """Data that cannot be used: a missing path, a malformed shard, out-of-vocabulary tokens, too few tokens."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -137,6 +135,17 @@ class SyntheticStream:
 TokenStream = ShardStream | SyntheticStream
 
 
+class Loader(Protocol):
+    """What training and evaluation read micro-batches from: a BatchLoader, or a task's own loader."""
+
+    batches_per_epoch: int | None  # global micro-batches in one pass (None: endless)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def reset(self) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
 class Corpus:
     """The train and val token streams a `--data` value names."""
@@ -145,6 +154,21 @@ class Corpus:
     train: TokenStream
     val: TokenStream
     note: str = ""  # what the user should know about the split (e.g. val falls back to train)
+
+    def loaders(
+        self, rows: int, seq_len: int, rank: int, world_size: int, vocab_size: int, order: str, seed: int, batch: int
+    ) -> tuple[Loader, Loader]:
+        """This rank's train loader (in `order`) and val loader (in order), over global micro-batches of `rows`
+        sequences; DataError when the training data holds fewer windows than one step's `batch` sequences."""
+        common = dict(rows=rows, seq_len=seq_len, rank=rank, world_size=world_size, vocab_size=vocab_size)
+        train = BatchLoader(self.train, order=order, seed=seed, **common)
+        windows = train.windows_per_epoch
+        if windows is not None and windows < batch:
+            raise DataError(
+                f"{self.train.name} holds {windows} training windows of {seq_len} + 1 tokens, fewer than one step's "
+                f"--batch-size {batch}; use a smaller --batch-size or --seq-len, or more data"
+            )
+        return train, BatchLoader(self.val, **common)
 
 
 def shard_corpus(name: str, shards: list[Path]) -> Corpus:
@@ -325,6 +349,7 @@ class BatchLoader:
 
     def state_dict(self) -> dict:
         return {
+            "source": "tokens",
             "order": self.order,
             "position": self.position,
             "epoch": self.epoch,
@@ -334,11 +359,12 @@ class BatchLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state.get("order", "sequential")  # checkpoints from before shuffling read in order
-        if saved not in DATA_ORDERS:  # another kind of loader's state (--data recall)
+        if state.get("source") != "tokens":  # a task's loader (e.g. --data recall) saved this state
             raise DataError(
-                f"the checkpoint's loader read --data {saved}, not {self.stream.name}: resume with the same --data"
+                f"the checkpoint's loader read --data {state.get('source')}, not {self.stream.name}: resume with the "
+                "same --data"
             )
+        saved = state["order"]
         if state["n_tokens"] != self.stream.n_tokens:
             raise DataError(
                 f"the checkpoint's loader read a stream of {state['n_tokens']} tokens, {self.stream.name} has "
@@ -351,4 +377,4 @@ class BatchLoader:
             )
         if saved == "shuffled" and state["seed"] != self.seed:
             raise DataError(f"the checkpoint shuffled its data with seed {state['seed']}, this run has {self.seed}")
-        self.position, self.epoch, self.window = state["position"], state["epoch"], state.get("window", 0)
+        self.position, self.epoch, self.window = state["position"], state["epoch"], state["window"]

@@ -1,9 +1,8 @@
 """Hugging Face GPT-2 checkpoints in and out (offline): a directory or a name in the local HF cache -> GPT, and back.
 
 HF's GPT-2 stores its four projections as Conv1D, weight (in, out): they are transposed to nn.Linear's (out, in).
-Everything else maps one to one, since our module names are HF's. This file owns the HF format and CheckpointError
-(the error of any checkpoint that cannot be used); training checkpoints and loading a model for inference from
-either kind are checkpoint.py's.
+Everything else maps one to one, since our module names are HF's. This file owns the HF format; training checkpoints
+and loading a model for inference from either kind are checkpoint.py's.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from nanogpt2.errors import CheckpointError
 from nanogpt2.files import write_atomic
 from nanogpt2.model import GPT, GPTConfig
 from nanogpt2.tokenizer import EOT, VOCAB_SIZE, bpe_files
@@ -24,10 +24,6 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older
 HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation, two names
 HF_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")  # looked up in the HF cache by name
 HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable, or not of the model that wants it."""
 
 
 def hf_cache_dirs() -> list[Path]:
@@ -121,10 +117,10 @@ def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
 
 
-def load_hf_gpt2(name_or_path: str | Path, attn: str = "torch", **overrides) -> GPT:
+def load_hf_gpt2(name_or_path: str | Path, attn_impl: str = "torch", **overrides) -> GPT:
     """A GPT with the weights of a HF GPT-2 checkpoint (GPT2LMHeadModel or GPT2Model), loaded offline.
 
-    `attn` is the attention implementation (GPT's argument); `overrides` change fields of the config read.
+    `attn_impl` is the attention implementation (GPT's argument); `overrides` change fields of the config read.
     """
     hf_dir = resolve_hf_dir(name_or_path)
     config = read_hf_config(hf_dir, **overrides)
@@ -138,7 +134,7 @@ def load_hf_gpt2(name_or_path: str | Path, attn: str = "torch", **overrides) -> 
     wte = state.get("transformer.wte.weight")
     if "lm_head.weight" in hf_state and wte is not None and not torch.equal(hf_state["lm_head.weight"], wte):
         raise CheckpointError(f"{hf_dir}: lm_head is not tied to wte, which GPT-2 requires")
-    model = GPT(config, attn=attn)
+    model = GPT(config, attn_impl=attn_impl)
     if wte is not None and config.padded_vocab_size > wte.shape[0]:  # pad the vocab rows, padding never targeted
         state["transformer.wte.weight"] = torch.cat(
             [wte, wte.new_zeros(config.padded_vocab_size - wte.shape[0], wte.shape[1])]

@@ -163,3 +163,14 @@ def linear_cross_entropy(
     with_grad = torch.is_grad_enabled() and (h.requires_grad or W.requires_grad)
     with torch.autocast(device_type, enabled=False):  # the op runs in the dtypes chosen here, whatever autocast says
         return _linear_cross_entropy_op(h, W, targets, vocab_size, chunk_rows, compute_dtype, with_grad)[0]
+
+
+def cross_entropy_of_logits(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The same loss from full logits (B, T, padded_vocab), as a model without the fused loss computes it: the
+    reference for tests and the baseline of benchmarks. Padding columns are outside the softmax; targets < 0 ignored."""
+    vocab_logits = logits[..., :vocab_size]  # (B, T, vocab)
+    return torch.nn.functional.cross_entropy(
+        vocab_logits.reshape(-1, vocab_size).float(),
+        targets.reshape(-1).clamp(min=-1),  # every negative target is ignored, as in the fused loss
+        ignore_index=-1,
+    )

@@ -12,7 +12,6 @@ weights run with either. Checkpoints, parallelism and training live elsewhere (c
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -122,29 +121,31 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[t
 
 
 def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int | None,
-    impl: str,
-    dropout_p: float = 0.0,
-    cached: bool = False,
-    cache_mask: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, attn_impl: str, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    """Causal (optionally sliding-window) attention; q (B, T, H, D), k/v (B, S, Hkv, D) -> (B, T, H, D).
-
-    Without a cache, queries and keys are the same T tokens (training): causal, within the window's band. With a
-    cache (`cached`), k/v are the keys and values a KV cache returned and `cache_mask` (T, S) says which keys each
-    query sees; None means every query sees every key (one new token over a cache), the fast unmasked path.
-    """
-    if not cached and impl == "triton" and dropout_p == 0.0:
+    """Causal (optionally sliding-window) attention of T tokens over themselves, as in training: q (B, T, H, D),
+    k/v (B, T, Hkv, D) -> (B, T, H, D). The Triton kernel has no dropout: with dropout it runs through SDPA."""
+    if attn_impl == "triton" and dropout_p == 0.0:
         from nanogpt2.kernels import flash_attention
 
         return flash_attention(q, k, v, causal=True, window=window)
-    mask = cache_mask
-    if not cached and window is not None and window < q.shape[1]:
-        i = torch.arange(q.shape[1], device=q.device)
-        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # (T, T) band
+    if window is None or window >= q.shape[1]:
+        return sdpa(q, k, v, None, dropout_p, is_causal=True)
+    i = torch.arange(q.shape[1], device=q.device)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # (T, T)
+    return sdpa(q, k, v, band, dropout_p, is_causal=False)
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of T new tokens over the S keys a KV cache returned: q (B, T, H, D), k/v (B, S, Hkv, D); `mask`
+    (T, S) says which keys each query sees, None that every query sees every key (one new token: the fast path)."""
+    return sdpa(q, k, v, mask, 0.0, is_causal=False)
+
+
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, is_causal: bool
+) -> torch.Tensor:
+    """PyTorch's scaled_dot_product_attention on our (B, T, heads, D) layout, K/V heads shared by query heads."""
     gqa = {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}
     y = F.scaled_dot_product_attention(
         q.transpose(1, 2),  # (B, H, T, D)
@@ -152,16 +153,16 @@ def attend(
         v.transpose(1, 2),
         attn_mask=mask,
         dropout_p=dropout_p,
-        is_causal=mask is None and not cached,
+        is_causal=is_causal,
         **gqa,
     )  # (B, H, T, D)
     return y.transpose(1, 2)  # (B, T, H, D)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer_idx: int, attn: str = "torch"):
+    def __init__(self, config: GPTConfig, layer_idx: int, attn_impl: str = "torch"):
         super().__init__()
-        self.config, self.layer_idx, self.impl = config, layer_idx, attn
+        self.config, self.layer_idx, self.attn_impl = config, layer_idx, attn_impl
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         kv_dim = config.n_kv_head * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)  # q, k, v
@@ -183,23 +184,24 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         if rope is not None:
-            q, k = apply_rope(q, k, *rope, self.impl)
-        cache_mask = None
-        if kv_cache is not None:
-            k, v, cache_mask = kv_cache.update(self.layer_idx, k, v, positions)  # (B, S, Hkv, D) x 2, (T, S) or None
-        dropout_p = self.config.dropout if self.training else 0.0
-        y = attend(q, k, v, self.config.window, self.impl, dropout_p, kv_cache is not None, cache_mask)  # (B, T, H, D)
+            q, k = rotate_qk(q, k, *rope, self.attn_impl)
+        if kv_cache is None:
+            dropout_p = self.config.dropout if self.training else 0.0
+            y = attend(q, k, v, self.config.window, self.attn_impl, dropout_p)  # (B, T, H, D)
+        else:
+            k, v, mask = kv_cache.update(self.layer_idx, k, v, positions)  # (B, S, Hkv, D) x 2, (T, S) or None
+            y = attend_cached(q, k, v, mask)  # (B, T, H, D)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
 
-def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str
+def rotate_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_impl: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, T, H, D) and k (B, T, Hkv, D) with the Triton kernel or the PyTorch reference."""
-    if impl == "triton":
-        from nanogpt2.kernels import apply_rope as apply_rope_triton
+    """Rotate q (B, T, H, D) and k (B, T, Hkv, D) by RoPE, with the Triton kernel or the PyTorch reference."""
+    if attn_impl == "triton":
+        from nanogpt2.kernels import apply_rope
 
-        return apply_rope_triton(q, k, cos, sin)
+        return apply_rope(q, k, cos, sin)
     return apply_rope_ref(q, k, cos, sin)
 
 
@@ -215,10 +217,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer_idx: int, attn: str = "torch"):
+    def __init__(self, config: GPTConfig, layer_idx: int, attn_impl: str = "torch"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config, layer_idx, attn)
+        self.attn = CausalSelfAttention(config, layer_idx, attn_impl)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -233,15 +235,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def check_attn(config: GPTConfig, attn: str) -> None:
-    """ValueError unless `attn` names an implementation that can run this config."""
-    if attn not in ATTN_IMPLS:
-        raise ValueError(f"attn must be one of {ATTN_IMPLS}, got {attn!r}")
-    if attn == "triton":
+def check_attn_impl(config: GPTConfig, attn_impl: str) -> None:
+    """ValueError unless `attn_impl` names an implementation that can run this config."""
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+    if attn_impl == "triton":
         from nanogpt2.kernels import SUPPORTED_HEAD_DIMS  # here: a CPU run with attn="torch" never loads Triton
 
         if config.head_dim not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"attn='triton' needs a head dim in {SUPPORTED_HEAD_DIMS}, got {config.head_dim}")
+            raise ValueError(f"attn_impl='triton' needs a head dim in {SUPPORTED_HEAD_DIMS}, got {config.head_dim}")
 
 
 def wte_init_std(n_embd: int) -> float:
@@ -250,17 +252,17 @@ def wte_init_std(n_embd: int) -> float:
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, attn: str = "torch"):
-        """`attn`: the attention/RoPE implementation, "torch" (SDPA) or "triton" (nanogpt2/kernels/, needs CUDA). The
-        Triton kernels have no dropout: while dropout is active (training with dropout > 0) attention runs through
-        SDPA."""
+    def __init__(self, config: GPTConfig, attn_impl: str = "torch"):
+        """`attn_impl`: the attention/RoPE implementation, "torch" (SDPA) or "triton" (nanogpt2/kernels/, needs
+        CUDA). The Triton kernels have no dropout: while dropout is active (training with dropout > 0) attention runs
+        through SDPA."""
         super().__init__()
-        check_attn(config, attn)
-        self.config, self.attn_impl = config, attn
+        check_attn_impl(config, attn_impl)
+        self.config, self.attn_impl = config, attn_impl
         modules = dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, i, attn) for i in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i, attn_impl) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         )
         if config.pos_emb == "learned":
@@ -268,25 +270,17 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
-        self.fused_loss = True  # with targets: the chunked linear + cross-entropy, no (B, T, vocab) logits
         if config.pos_emb == "rope":
             cos, sin = rope_cos_sin(torch.arange(config.block_size), config.head_dim, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # Two departures from GPT-2's init (a model trained from scratch only; checkpoints bring their own weights),
-        # measured on issue 11's recipe (BENCHMARKS.md), val loss at step 50 over seeds 1337-1339: 6.083 mean before.
-        # Residual projections at zero (modded-nanogpt) instead of 0.02 / sqrt(2 n_layer): every block starts as the
-        # identity and the first steps train the embeddings as a bigram model (6.064 mean, better on all three seeds).
+        # Two departures from GPT-2's init, for a model trained from scratch (measured in BENCHMARKS.md, issue 11):
+        # residual projections at zero (modded-nanogpt), so every block starts as the identity; and the tied token
+        # embedding at wte_init_std, drawn last because lm_head's Linear init reinitialises it.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.zeros_(p)
-        # Token embedding (tied: also the output layer) at std 0.04 at width 256, twice the position table's: at 0.02
-        # each the input's layer norm sees position as much as token identity, and the logits start small; 0.01 trains
-        # much slower (6.295 at seed 1337 against 6.071 at 0.02); both changes: 5.945 mean (measured at width 256
-        # only). The std shrinks as 1/sqrt(width), keeping n_embd * std**2 (the scale of a token's logit for itself,
-        # with zero blocks) where it was measured: a flat 0.04 would start GPT-2 small (768) at a loss of 27.6 instead
-        # of 11.6; this gives 0.023 there (13.4). Drawn last: lm_head's Linear init reinitialises it.
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=wte_init_std(config.n_embd))
 
     @staticmethod
@@ -318,12 +312,12 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: Cache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> (logits (B, T, padded_vocab), loss or None).
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, padded_vocab), None), or with targets (B, T) -> (None, loss).
 
-        With targets (B, T), the loss is the mean cross-entropy (targets < 0 are ignored); then, while
-        `self.fused_loss` is set (the default), it comes from nanogpt2/loss.py without materialising the logits, and
-        the logits returned are None. With a KV cache (nanogpt2/sample.py), idx continues the tokens the cache has seen.
+        The loss is the mean cross-entropy (targets < 0 are ignored) from nanogpt2/loss.py's fused linear +
+        cross-entropy, which never holds the logits (`loss.cross_entropy_of_logits` is the same loss from full
+        logits). With a KV cache (nanogpt2/sample.py), idx continues the tokens the cache has seen.
         """
         B, T = idx.shape
         start = kv_cache.seen if kv_cache is not None else 0
@@ -340,19 +334,10 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.transformer.ln_f(x)
-        if targets is not None and self.fused_loss:
+        if targets is not None:
             h, y = x.reshape(B * T, -1), targets.reshape(-1)
             return None, linear_cross_entropy(h, self.lm_head.weight, y, self.config.vocab_size)
-        logits = self.lm_head(x)  # (B, T, padded_vocab)
-        loss = None
-        if targets is not None:
-            vocab_logits = logits[..., : self.config.vocab_size]  # padding columns are no tokens: not in the softmax
-            loss = F.cross_entropy(
-                vocab_logits.reshape(-1, vocab_logits.size(-1)).float(),
-                targets.reshape(-1).clamp(min=-1),  # every negative target is ignored, as in the fused loss
-                ignore_index=-1,
-            )
-        return logits, loss
+        return self.lm_head(x), None  # (B, T, padded_vocab)
 
     def configure_optimizers(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
@@ -364,5 +349,5 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type in ("cpu", "cuda") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        fused = device_type in ("cpu", "cuda")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))

@@ -1,25 +1,22 @@
-"""Where a run executes and how the model is spread over processes: plain, DDP or FSDP2, from torchrun's environment.
+"""How the model is spread over processes: plain, DDP or FSDP2, from torchrun's environment.
 
 - plain: no RANK/WORLD_SIZE in the environment, one process.
 - ddp:   under torchrun; every rank holds the whole model, gradients are all-reduced.
 - fsdp:  under torchrun with --fsdp; `fully_shard` (FSDP2) on every transformer block, then on the root (which holds
          the tied wte/lm_head), so parameters, gradients and optimizer state are sharded across ranks.
 
-NCCL on CUDA (one device per LOCAL_RANK), gloo on CPU, so every mode also runs on a CPU-only machine. Owns the
-device name parser, the compute dtype, the CPU allocator setting, the order of activation checkpointing /
-compilation / sharding, gradient sync and clipping in every mode, and the small collectives train.py needs (print0,
-barrier, mean, any). It does not own what the model is (model.py) or what a checkpoint holds (checkpoint.py).
+NCCL on CUDA (one device per LOCAL_RANK), gloo on CPU, so every mode also runs on a CPU-only machine. Owns joining
+the process group, the order of activation checkpointing / compilation / sharding, gradient sync and clipping in
+every mode, and the small collectives train.py needs (print0, barrier, mean, any). The process's device, dtype and
+lifetime are runtime.py's; what the model is, model.py's; what a checkpoint holds, checkpoint.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import functools
 import os
-import signal
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-PR_SET_PDEATHSIG = 1  # prctl(2)
-# mallopt(3) parameters, and what keep_freed_memory sets them to (C ints): the heap trimmed only past 2 GiB free at
-# its top, no mmap'd blocks, and each growth of the heap by 256 MB more than asked for.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-MALLOC_SETTINGS = {M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 2**28, M_MMAP_MAX: 0}
+from nanogpt2.runtime import die_with_parent
+
 # How gloo and NCCL word a collective whose peer exited or stopped answering (raised as RuntimeError or DistError).
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Timed out waiting")
 
@@ -39,30 +33,6 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote wo
 def is_distributed() -> bool:
     """Whether this process has joined a process group."""
     return dist.is_available() and dist.is_initialized()
-
-
-def parse_device(name: str) -> torch.device:
-    """The device called `name` ("auto": CUDA when present, else CPU); ValueError for one this machine cannot use."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device")
-    return device
-
-
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype of --dtype `name`; auto: bfloat16 on CUDA (float16 where bf16 is unsupported), fp32 on CPU."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cpu":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 @dataclass
@@ -74,10 +44,7 @@ class DistEnv:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     launcher: int | None = None  # the pid of torchrun's launcher, this process's parent
-
-    @property
-    def distributed(self) -> bool:
-        return is_distributed()
+    distributed: bool = False  # joined a process group (under torchrun)
 
     @property
     def is_main(self) -> bool:
@@ -99,38 +66,7 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistEnv:
         device = torch.device("cuda", local_rank)
     launcher = die_with_parent()  # before joining, which waits for every rank
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return DistEnv(rank, local_rank, world_size, device, launcher)
-
-
-def die_with_parent() -> int:
-    """Have the kernel kill this process when its parent (torchrun's launcher) dies, so no rank outlives it; returns
-    the parent's pid, for `launcher_gone`, the check where PR_SET_PDEATHSIG is not available (it is Linux's)."""
-    parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    return parent
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory in the heap for the next allocation instead of returning it to the
-    kernel; returns whether it could (Linux with glibc only).
-
-    A CPU training step allocates and frees tensors of tens to hundreds of MB (the loss's (chunk, vocab) buffers,
-    vocab-sized gradients). glibc serves blocks that large with mmap and unmaps them on free, so each step the kernel
-    maps and zero-fills them afresh, page by page: about an eighth of a nano step on 2 cores. From the heap they stay
-    mapped; the process keeps its peak memory, which it needed anyway.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
-
-
-def launcher_gone(env: DistEnv) -> bool:
-    """Whether this rank's launcher has died since start-up (the process was re-parented)."""
-    return env.launcher is not None and os.getppid() != env.launcher
+    return DistEnv(rank, local_rank, world_size, device, launcher, distributed=True)
 
 
 def parallel_mode(fsdp: bool, env: DistEnv) -> str:
@@ -230,12 +166,6 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
         for g in grads:
             g.mul_(scale)
     return norm
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA runs asynchronously; the CPU has nothing queued)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import glob
 import hashlib
+import importlib
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -275,6 +277,29 @@ def shakespeare_documents(download_dir: Path) -> list[tuple[str, str]]:
 
 
 CORPORA = {"shakespeare": shakespeare_documents}
+# Tasks that live beside the library, in the repository (the variant study's): `--data NAME` imports the module,
+# whose VOCAB_SIZE is the vocabulary its tokens need and whose corpus() serves its loaders as a Corpus does.
+TASKS = {"recall": "variant_study.recall"}
+
+
+def task_module(name: str) -> ModuleType:
+    """The module of task `name` (of TASKS); DataError outside a checkout of the repository, where it lives."""
+    try:
+        return importlib.import_module(TASKS[name])
+    except ModuleNotFoundError:
+        folder = TASKS[name].split(".")[0]
+        raise DataError(
+            f"--data {name} is a task of the repository's {folder}/ folder, which an installed nanogpt2 does not "
+            "hold: run train.py from a checkout of the repository"
+        ) from None
+
+
+def data_vocab(spec: str) -> int | None:
+    """The vocabulary a `--data` value's tokens need: a task's own, GPT-2's for text, None for synthetic (drawn
+    below the model's vocabulary)."""
+    if spec in TASKS:
+        return task_module(spec).VOCAB_SIZE
+    return None if spec == "synthetic" else VOCAB_SIZE
 
 
 def corpus_dir(name: str, root: Path | None = None) -> Path:
@@ -302,11 +327,31 @@ def text_cache_dir(files: list[Path], root: Path | None = None) -> Path:
 
 
 def open_corpus(spec: str, vocab_size: int = VOCAB_SIZE, seed: int = 0, root: Path | None = None) -> Corpus:
-    """Resolve a `--data` value: a corpus name, `synthetic`, a directory or glob of shards, or text files."""
+    """Resolve a `--data` value: a corpus name, `synthetic`, a task (TASKS), a directory or glob of shards, or text
+    files. Whatever it is, the result's `loaders(...)` serves the batches."""
+    if spec in TASKS:
+        return task_module(spec).corpus()
     if spec == "synthetic":
         return Corpus(spec, SyntheticStream(vocab_size, seed), SyntheticStream(vocab_size, seed + 1))
     if spec in CORPORA:
         return shard_corpus(spec, sorted(corpus_dir(spec, root).glob("*.bin")))
+    paths = data_paths(spec)
+    shards = [p for p in paths if p.suffix == ".bin"]
+    if shards and len(shards) != len(paths):
+        raise DataError(f"--data {spec}: mixes .bin shards and text files; give one kind")
+    if shards:
+        return shard_corpus(spec, shards)
+    return shard_corpus(spec, sorted(text_cache_dir(text_files(paths), root).glob("*.bin")))
+
+
+def check_data(spec: str) -> None:
+    """DataError unless `--data` names a corpus, a task, synthetic, or files that exist; reads nothing."""
+    if spec not in TASKS and spec != "synthetic" and spec not in CORPORA:
+        data_paths(spec)
+
+
+def data_paths(spec: str) -> list[Path]:
+    """The files a `--data` path, directory or glob names (a directory's .bin shards, or itself for text in it)."""
     if glob.has_magic(spec):
         paths = [Path(p) for p in sorted(glob.glob(spec)) if Path(p).is_file()]
         if not paths:
@@ -314,17 +359,12 @@ def open_corpus(spec: str, vocab_size: int = VOCAB_SIZE, seed: int = 0, root: Pa
     else:
         path = Path(spec)
         if not path.exists():
-            names = ", ".join(["synthetic", *CORPORA])
+            names = ", ".join(["synthetic", *CORPORA, *TASKS])
             raise DataError(f"--data {spec}: no such file or directory, and not a corpus name ({names})")
         paths = sorted(path.glob("*.bin")) if path.is_dir() else [path]
         if path.is_dir() and not paths:
             paths = [path]  # a directory of text
-    shards = [p for p in paths if p.suffix == ".bin"]
-    if shards and len(shards) != len(paths):
-        raise DataError(f"--data {spec}: mixes .bin shards and text files; give one kind")
-    if shards:
-        return shard_corpus(spec, shards)
-    return shard_corpus(spec, sorted(text_cache_dir(text_files(paths), root).glob("*.bin")))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from nanogpt2.checkpoint import TRAIN_CKPT
-from nanogpt2.config import ConfigError, TrainConfig
+from nanogpt2.config import TrainConfig
+from nanogpt2.errors import ConfigError
 from nanogpt2.files import write_atomic
 from nanogpt2.model import GPTConfig
 from nanogpt2.parallel import is_distributed, print0
@@ -54,8 +55,8 @@ def run_record(
             versions[name] = __import__(name).__version__
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     return {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
-        "model": model.to_dict(),
+        "train_config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+        "model_config": model.to_dict(),
         "n_params": n_params,
         "device": device_name,
         "dtype": str(dtype).split(".")[-1],
@@ -68,7 +69,7 @@ def run_record(
 
 def run_line(record: dict, record_path: Path) -> str:
     """One line that sums a run record up for the log (the whole record is in run.json)."""
-    args, model = record["args"], record["model"]
+    args, model = record["train_config"], record["model_config"]
     shape = f"{model['n_layer']} layers x {model['n_embd']} wide, {record['n_params'] / 1e6:.1f}M parameters"
     return (
         f"{args['preset']} ({shape}) on {args['data']} | {args['max_steps']} steps of {args['batch_size']} x "
@@ -122,12 +123,12 @@ def refuse_taken_out_dir(out_dir: Path, resuming: bool, probe_lock: bool) -> Non
     """ConfigError when a fresh run's out_dir holds a checkpoint, or (`probe_lock`: the writer, before it locks) when
     a running run holds the directory. Writes nothing, so train.py asks before it tokenizes a corpus; prepare_out_dir
     asks again, holding the lock."""
+    if probe_lock and out_dir.is_dir():
+        os.close(lock_out_dir(out_dir))  # a lock taken and dropped at once: refused while another run holds it
     if not resuming and (out_dir / TRAIN_CKPT).exists():
         raise ConfigError(
             f"{out_dir} already holds a checkpoint: continue it with --resume {out_dir}, or choose another --out-dir"
         )
-    if probe_lock and out_dir.is_dir():
-        os.close(lock_out_dir(out_dir))  # a lock taken and dropped at once: refused while another run holds it
 
 
 def prepare_out_dir(out_dir: Path, resuming: bool, writer: bool = True) -> int | None:

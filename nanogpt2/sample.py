@@ -17,7 +17,7 @@ import torch
 
 from nanogpt2.checkpoint import CheckpointError, load_model
 from nanogpt2.model import GPT, GPTConfig
-from nanogpt2.parallel import parse_device
+from nanogpt2.runtime import parse_device
 from nanogpt2.tokenizer import get_encoding
 
 

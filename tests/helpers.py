@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,26 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int 
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str | None:
+    """The first line of `proc`'s stdout (a text pipe) that starts with `prefix`; None when its output ends first. A
+    pipe read line by line has no timeout of its own: after `timeout` seconds the process is killed, which ends it."""
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        return next((line for line in proc.stdout if line.startswith(prefix)), None)
+    finally:
+        timer.cancel()
+
+
 def cpu_config(*flags: str):
     """(TrainConfig, GPTConfig) as train.py builds them from `flags` on a CPU, in one process."""
     from nanogpt2.config import from_flags, parse_flags
 
     cfg = from_flags(parse_flags(list(flags)))
-    return cfg, cfg.finalize(torch.device("cpu"), world_size=1, distributed=False)
+    cfg.fill_defaults(torch.device("cpu"), world_size=1)
+    model = cfg.model_config()
+    cfg.check(model, torch.device("cpu"), world_size=1, distributed=False)
+    return cfg, model
 
 
 def llmc_shard(path: Path, tokens, magic: int = MAGIC, version: int = VERSION, count: int | None = None) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, llmc_shard, run_cli
+from helpers import REPO, llmc_shard, run_cli, wait_for_line
 
 from nanogpt2.checkpoint import load_model
 from nanogpt2.model import GPT, GPTConfig
@@ -119,7 +119,7 @@ def test_consolidated_export_of_a_sharded_checkpoint(runs, tmp_path):
     result = run_cli("-m", "nanogpt2.checkpoint", str(runs["adamw-fsdp"]), "--out", str(tmp_path / "model.pt"))
     assert result.returncode == 0, result.stderr
     exported = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert exported["config"]["n_layer"] == 2
+    assert exported["model_config"]["n_layer"] == 2
     assert max_weight_diff(tmp_path / "model.pt", runs["adamw-fsdp"]) == 0.0
 
 
@@ -159,14 +159,12 @@ def test_ctrl_c_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for line in proc.stdout:
-            if line.startswith("step 3/"):
-                ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-                os.kill(int(max(ranks, key=int)), signal.SIGINT)  # the later-started worker only
-                break
+        if wait_for_line(proc, "step 3/", timeout=120):
+            ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, timeout=10)
+            os.kill(int(max(ranks.stdout.split(), key=int)), signal.SIGINT)  # the later-started worker only
         out, err = proc.communicate(timeout=60)
     finally:  # a hang fails the test above; leave no job behind
-        subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)])
+        subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], timeout=10)
         proc.kill()
     assert "interrupted: checkpoint at step" in out, err[-3000:]
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
@@ -244,11 +242,9 @@ def test_killing_the_launcher_leaves_no_rank_and_one_writer(tmp_path):
                             start_new_session=True)  # fmt: skip
     workers: list[int] = []
     try:
-        for line in proc.stdout:
-            if line.startswith("step 3/"):
-                workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                          text=True).stdout.split()]  # fmt: skip
-                break
+        if wait_for_line(proc, "step 3/", timeout=120):
+            ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, timeout=10)
+            workers = [int(pid) for pid in ranks.stdout.split()]
         assert len(workers) == 2
         second = train(out, "--resume", str(out), "--max-steps", "100000", check=False)
         assert second.returncode == 1 and "is in use by a running run (pid " in second.stderr, second.stderr[-3000:]

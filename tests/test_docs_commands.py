@@ -7,6 +7,8 @@ continues a run (`--resume out`, `--ckpt out`) finds a finished run in `out/`. C
 left out by the rules in NOT_RUN_HERE, each with its reason, and each rule must match at least one command.
 """
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -47,10 +49,15 @@ def readme_commands() -> list[str]:
 
 
 def help_commands() -> list[str]:
-    help_text = subprocess.run(
-        [sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout
-    shown = [line for line in help_text.splitlines() if line.lstrip().startswith(("python ", "torchrun "))]
+    """What `python train.py --help` prints, from train.py's main() in this process: the list is needed to collect
+    the tests, and a process started for it would delay every test run, a quick one too, by seconds."""
+    import train
+
+    help_text = io.StringIO()
+    with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):
+        train.main(["--help"])
+    assert "usage: " in help_text.getvalue(), help_text.getvalue()
+    shown = [line for line in help_text.getvalue().splitlines() if line.lstrip().startswith(("python ", "torchrun "))]
     return split_commands(shown)
 
 
@@ -148,3 +155,12 @@ def test_readme_training_example_trains_something_else_than_the_default(command)
     plain_cfg, plain_model = cpu_config()
     assert cfg.ineffective_flags(model) == []
     assert (model, cfg.seq_len, cfg.data) != (plain_model, plain_cfg.seq_len, plain_cfg.data)
+
+
+def test_conventions_layout_lists_every_module_and_only_what_exists():
+    text = (REPO / "CONVENTIONS.md").read_text()
+    block = re.search(r"## Layout[^\n]*\n```\n(.*?)```", text, flags=re.S).group(1)
+    listed = {line.split()[0] for line in block.splitlines() if line.strip()}
+    modules = {str(p.relative_to(REPO)) for p in (REPO / "nanogpt2").rglob("*.py") if p.name != "__init__.py"}
+    assert modules <= listed, f"modules missing from CONVENTIONS.md's layout: {sorted(modules - listed)}"
+    assert all((REPO / entry).exists() for entry in listed), [e for e in listed if not (REPO / e).exists()]

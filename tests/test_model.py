@@ -7,7 +7,7 @@ import torch
 from helpers import DEVICE, hf_checkpoint, randomize_residual_projections
 from transformers import GPT2LMHeadModel
 
-from nanogpt2.checkpoint import CheckpointError, load_model, save_training_checkpoint
+from nanogpt2.checkpoint import CheckpointError, load_model
 from nanogpt2.hf import load_hf_gpt2, save_hf_gpt2
 from nanogpt2.kernels.reference import flash_attention_ref
 from nanogpt2.model import GPT, PRESETS, GPTConfig, attend
@@ -133,14 +133,13 @@ def test_damaged_hf_directory_is_one_clear_error(tmp_path, damage, message):
         load_model(path)
 
 
-def test_checkpoint_with_attn_in_its_config_loads(tmp_path):
-    """Older runs saved attn="triton" in the model config; it is dropped, and the model runs as asked."""
+def test_load_model_runs_with_the_attn_impl_asked_for(tmp_path):
+    """A run's checkpoint loads for inference with the implementation asked for, whatever trained it."""
     config = GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, n_embd=32, pos_emb="rope")
-    saved = config.to_dict() | {"attn": "triton"}
-    save_training_checkpoint(tmp_path, {"config": saved, "model": GPT(config).state_dict(), "step": 1})
+    torch.save({"model_config": config.to_dict(), "model": GPT(config).state_dict()}, tmp_path / "ckpt.pt")
     assert load_model(tmp_path, device="cpu").attn_impl == "torch"
-    model = load_model(tmp_path, device="cpu", attn="triton")  # asked for: kept
-    assert model.attn_impl == "triton" and all(b.attn.impl == "triton" for b in model.transformer.h)
+    model = load_model(tmp_path, device="cpu", attn_impl="triton")
+    assert model.attn_impl == "triton" and all(b.attn.attn_impl == "triton" for b in model.transformer.h)
     assert [b.attn.layer_idx for b in model.transformer.h] == [0]
 
 
@@ -184,10 +183,10 @@ def test_bad_configs_are_rejected(kwargs, message):
         GPTConfig(**{"n_embd": 64, "n_head": 4, **kwargs})
 
 
-@pytest.mark.parametrize("attn, message", [("cuda", "attn must be one of"), ("triton", "head dim in")])
+@pytest.mark.parametrize("attn, message", [("cuda", "attn_impl must be one of"), ("triton", "head dim in")])
 def test_bad_attention_implementation_is_rejected(attn, message):
     with pytest.raises(ValueError, match=message):
-        GPT(GPTConfig(n_embd=96, n_head=4, n_layer=1, vocab_size=97), attn=attn)
+        GPT(GPTConfig(n_embd=96, n_head=4, n_layer=1, vocab_size=97), attn_impl=attn)
 
 
 def test_unknown_preset_is_rejected():
@@ -323,7 +322,7 @@ def test_triton_attention_matches_torch_in_the_model(variant):
     """attn="triton" (flash attention + RoPE kernels) gives the loss and gradients of attn="torch"."""
     torch.manual_seed(0)
     shape = dict(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_embd=64, **VARIANTS[variant])
-    models = {impl: GPT(GPTConfig(**shape), attn=impl).to(DEVICE) for impl in ("torch", "triton")}
+    models = {impl: GPT(GPTConfig(**shape), attn_impl=impl).to(DEVICE) for impl in ("torch", "triton")}
     randomize_residual_projections(models["torch"])
     models["triton"].load_state_dict(models["torch"].state_dict())
     idx = torch.randint(0, 97, (2, 40), device=DEVICE)
@@ -341,7 +340,7 @@ def test_bf16_rope_model_keeps_float32_rotary_tables():
     """model.to(bfloat16) casts buffers; the rotary angles must stay float32, for both attention paths."""
     torch.manual_seed(0)
     shape = dict(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=64, pos_emb="rope")
-    models = {impl: GPT(GPTConfig(**shape), attn=impl).to(DEVICE) for impl in ("torch", "triton")}
+    models = {impl: GPT(GPTConfig(**shape), attn_impl=impl).to(DEVICE) for impl in ("torch", "triton")}
     randomize_residual_projections(models["torch"])
     models["triton"].load_state_dict(models["torch"].state_dict())
     idx = torch.randint(0, 97, (1, 32), device=DEVICE)

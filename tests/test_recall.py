@@ -8,23 +8,22 @@ import pytest
 import torch
 from helpers import assert_bad_input, run_cli, snapshot
 
-from nanogpt2.checkpoint import load_training_checkpoint
+from nanogpt2.checkpoint import load_checkpoint
 from nanogpt2.config import TrainConfig
 from nanogpt2.data import BatchLoader, DataError, SyntheticStream
-from nanogpt2.recall import (
+from nanogpt2.tokenizer import VOCAB_SIZE
+from variant_study.recall import (
     KEY0,
-    KEYS,
+    N_KEYS,
     N_VALUES,
     PAIR0,
     RECALL_PAIRS,
     RECALL_VOCAB,
     VALUE0,
-    VALUES,
     RecallLoader,
     min_length,
     recall_batch,
 )
-from nanogpt2.tokenizer import VOCAB_SIZE
 
 RUN = ["--data", "recall", "--preset", "pico", "--seq-len", "64", "--batch-size", "4", "--eval-every", "2",
        "--eval-batches", "2", "--device", "cpu"]  # fmt: skip
@@ -56,7 +55,8 @@ def test_answers_sit_at_the_queries_and_name_their_pairs_values(length):
         assert answers == [p for p in range(length) if dr[p] >= 0] and RECALL_PAIRS <= len(answers) <= length // 2
         for p in answers:
             pair = xr[p - dr[p]]  # the pair asked about: one token naming its key and value
-            assert xr[p] in KEYS and yr[p] in VALUES and 0 <= p - dr[p] < RECALL_PAIRS
+            assert KEY0 <= xr[p] < KEY0 + N_KEYS and VALUE0 <= yr[p] < VALUE0 + N_VALUES  # a question, its answer
+            assert 0 <= p - dr[p] < RECALL_PAIRS
             assert (pair - PAIR0) // N_VALUES == xr[p] - KEY0 and (pair - PAIR0) % N_VALUES == yr[p] - VALUE0
             assert xr[p + 1] == yr[p]  # the answer follows its question
         keys = [(t - PAIR0) // N_VALUES for t in xr[:RECALL_PAIRS]]
@@ -157,13 +157,13 @@ def test_a_recall_run_trains_and_resumes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "step 4/4 | val loss" in done.stdout and "sample:" not in done.stdout
     assert "note: no text samples: --data recall is not GPT-2 text" in done.stdout
-    ckpt = load_training_checkpoint(tmp_path / "out")
-    assert ckpt["config"]["vocab_size"] == RECALL_VOCAB and ckpt["step"] == 4
+    ckpt = load_checkpoint(tmp_path / "out")
+    assert ckpt["model_config"]["vocab_size"] == RECALL_VOCAB and ckpt["step"] == 4
     assert ckpt["loader"]["index"] == 4 * 4  # 4 steps of 4 sequences
     resumed = run(tmp_path, "--resume", "out", "--max-steps", "6")
     assert resumed.returncode == 0, resumed.stderr
     assert "step 6/6 | val loss" in resumed.stdout and "sample:" not in resumed.stdout
-    assert load_training_checkpoint(tmp_path / "out")["loader"]["index"] == 6 * 4
+    assert load_checkpoint(tmp_path / "out")["loader"]["index"] == 6 * 4
     losses = [float(line.split("| loss ")[1].split()[0]) for line in resumed.stdout.splitlines() if "| loss " in line]
     assert len(losses) == 2 and np.isfinite(losses).all()
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from helpers import REPO, assert_bad_input, run_cli
 
-from nanogpt2.study.__main__ import main as study_main
-from nanogpt2.study.__main__ import parse_args as study_args
-from nanogpt2.study.plan import BUDGETS, DECODE_VARIANTS, VARIANTS, plan_runs
-from nanogpt2.study.report import accuracy_between, display_width, few_questions, reach, rebin, recall_reading
+from variant_study.__main__ import main as study_main
+from variant_study.__main__ import parse_args as study_args
+from variant_study.plan import BUDGETS, DECODE_VARIANTS, VARIANTS, plan_runs
+from variant_study.report import accuracy_between, display_width, few_questions, reach, rebin, recall_reading
 
 
 def run_module(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -22,7 +22,7 @@ def run_module(module: str, *args: str, cwd: Path = REPO) -> subprocess.Complete
 def toy_study(tmp_path_factory) -> Path:
     """The study at its toy budget, every variant, run once for the tests below."""
     tmp = tmp_path_factory.mktemp("study")
-    result = run_module("nanogpt2.study", "--budget", "toy", "--out", str(tmp / "study"))
+    result = run_module("variant_study", "--budget", "toy", "--out", str(tmp / "study"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return tmp / "study"
 
@@ -78,7 +78,7 @@ def test_study_rerun_reuses_or_retrains_each_run(toy_study, tmp_path):
     run_json = out / "runs" / "lm-gqa-seed0" / "run.json"
     run_json.write_text(run_json.read_text().replace('"max_steps": 4', '"max_steps": 3'))
     args = ("--budget", "toy", "--variants", "rope", "gqa", "--out", "study")
-    result = run_module("nanogpt2.study", *args, cwd=tmp_path)
+    result = run_module("variant_study", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = [line.split(" in ")[0] for line in result.stdout.splitlines() if line.startswith(f"[study] {out}")]
     done = dict(line.rsplit(": ", 1) for line in lines)  # "trained in 12 s" -> "trained"
@@ -109,7 +109,7 @@ def test_study_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
     assert_bad_input(subprocess.CompletedProcess(argv, code, captured.out, captured.err), message)
     assert not (tmp_path / "study").exists()
     if "mamba" in args:
-        assert_bad_input(run_module("nanogpt2.study", *argv), message)
+        assert_bad_input(run_module("variant_study", *argv), message)
 
 
 @pytest.mark.parametrize("budget", list(BUDGETS))
@@ -182,11 +182,12 @@ def test_plot_cli_draws_runs(tmp_path):
         rows += [{"step": 10, "tokens": 10000, "val_loss": 4.2 + shift}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "loss.png"
-    result = run_module("nanogpt2.plot", str(tmp_path / "a" / "metrics.jsonl"), str(tmp_path / "b"), "-o", str(out))
+    metrics = str(tmp_path / "a" / "metrics.jsonl")
+    result = run_module("variant_study.plot", metrics, str(tmp_path / "b"), "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert out.read_bytes().startswith(b"\x89PNG")
 
 
 def test_plot_cli_missing_file_is_one_clear_line(tmp_path):
-    result = run_module("nanogpt2.plot", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x.png"))
+    result = run_module("variant_study.plot", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x.png"))
     assert_bad_input(result, f"error: no metrics file at {tmp_path / 'missing.jsonl'}")

@@ -1,8 +1,10 @@
 """train.py through its real CLI: a run whose loss falls, bitwise resume, Ctrl-C, and every bad input.
 
-Every run is a subprocess with cwd and NANOGPT2_DATA_DIR in tmp_path, so nothing is written into the repository.
+Runs are subprocesses, or run in this process (`run_in_process`) where how the process exits is not the subject; all
+with cwd and NANOGPT2_DATA_DIR in tmp_path, so nothing is written into the repository.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, assert_bad_input, cpu_config, llmc_shard, run_cli, snapshot
+from helpers import REPO, assert_bad_input, cpu_config, llmc_shard, run_cli, snapshot, wait_for_line
 
 import train as train_script
-from nanogpt2.checkpoint import load_model, load_training_checkpoint
+from nanogpt2.checkpoint import load_checkpoint, load_model
 from nanogpt2.config import ConfigError, TrainConfig, auto_grad_accum, build_parser
 from nanogpt2.model import GPTConfig
 from nanogpt2.prepare import prepare
@@ -37,6 +39,36 @@ def env_for(tmp: Path) -> dict:
 
 def run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     return run_cli("train.py", *args, cwd=tmp, env=env_for(tmp))
+
+
+def run_in_process(tmp: Path, monkeypatch, capfd, *args: str) -> subprocess.CompletedProcess:
+    """`run` without the process start, for tests of what a run does rather than of how its process exits:
+    train.py's main(args) here, with cwd and NANOGPT2_DATA_DIR in `tmp`, its exit status (argparse's included) and
+    what it wrote to stdout and stderr. A warning shows in a subprocess's stderr, not here: the exit-status tests run
+    subprocesses. What a run leaves set in its process is put back or kept out: malloc's settings (process-wide, not
+    changed here), torch's RNG and fp32 matmul precision, and the run directory's lock (held till its process exits,
+    closed here)."""
+    monkeypatch.chdir(tmp)
+    monkeypatch.setenv("NANOGPT2_DATA_DIR", str(tmp / "data-cache"))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, as `run` starts it
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(train_script, "keep_freed_memory", lambda: False)
+    capfd.readouterr()
+    fds = set(os.listdir("/proc/self/fd"))
+    precision = torch.get_float32_matmul_precision()
+    try:
+        with torch.random.fork_rng():
+            status = train_script.main(list(args))
+    except SystemExit as e:  # argparse's refusal of a flag
+        status = e.code
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        for fd in set(os.listdir("/proc/self/fd")) - fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp.resolve())):
+                    os.close(int(fd))
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["train.py", *args], status, out, err)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -72,7 +104,7 @@ def test_loss_falls_and_run_is_recorded(trained):
     assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30] and rows[-1]["val_loss"] < 7
     assert rows[-1]["tokens"] == 30 * 4 * 32 and all({"lr", "norm", "tok_s"} <= r.keys() for r in rows)
     record = json.loads((trained / "run.json").read_text())
-    assert record["model"]["n_layer"] == 2 and record["args"]["max_steps"] == 30 and record["git_commit"]
+    assert record["model_config"]["n_layer"] == 2 and record["train_config"]["max_steps"] == 30 and record["git_commit"]
     assert {"torch", "python"} <= record["versions"].keys() and record["device"].startswith("cpu")
     ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 30 and ckpt["loader"]["order"] == "shuffled" and ckpt["loader"]["window"] == 30 * 4
@@ -109,10 +141,8 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     cmd = train_cmd(*TINY, "--data", "synthetic", "--max-steps", "100000", "--save-every", "0", "--eval-every", "0")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
-    for line in proc.stdout:
-        if line.startswith("step 3/"):
-            proc.send_signal(signal.SIGINT)
-            break
+    if wait_for_line(proc, "step 3/", timeout=120):
+        proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted: checkpoint at step" in out
@@ -163,16 +193,33 @@ def bad_shard(tmp: Path, kind: str) -> str:
         (lambda t: ["--data", "synthetic", "--dist-timeout", "0"], "--dist-timeout must be a positive number"),
     ],
 )
-def test_bad_input(tmp_path, make_args, message):
+def test_bad_input(tmp_path, monkeypatch, capfd, make_args, message):
     (tmp_path / "file").write_text("a regular file")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "empties").mkdir()
     (tmp_path / "empties" / "a.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("Café au lait".encode("latin-1"))
-    done = run(tmp_path, *TINY, "--max-steps", "2", *make_args(tmp_path))
+    done = run_in_process(tmp_path, monkeypatch, capfd, *TINY, "--max-steps", "2", *make_args(tmp_path))
     assert_bad_input(done, message)
     if "token id" not in message:  # found in the first batches only, after the run began
         assert not (tmp_path / "out").exists() and not (tmp_path / "data-cache").exists()  # nothing left behind
+
+
+@pytest.mark.parametrize(
+    "args, status, message",
+    [
+        (["--data", "synthetic", "--data-order", "random"], 2, "--data-order: invalid choice: 'random'"),
+        (["--data", "synthetic", "--batch-size", "0"], 1, "--batch-size must be positive"),
+        (["--data", "missing.txt"], 1, "missing.txt: no such file or directory"),
+    ],
+)
+def test_bad_input_exits_with_its_status_and_one_line(tmp_path, args, status, message):
+    """What the in-process cases above cannot see, for one refused flag of argparse's, one of the config's and one
+    bad corpus: the process's exit status, and a stderr of one line (no warning, no traceback)."""
+    done = run(tmp_path, *TINY, "--max-steps", "2", *args)
+    assert done.returncode == status, done.stderr[-3000:]
+    assert_bad_input(done, message)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data-cache").exists()
 
 
 def copy_run(trained: Path, tmp: Path) -> Path:
@@ -217,13 +264,13 @@ def test_a_second_writer_is_refused_and_changes_nothing(tmp_path, trained, resum
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=env_for(tmp_path), stdout=subprocess.PIPE,
                               text=True)  # fmt: skip
     try:
-        assert holder.stdout.readline() == "locked\n"
+        assert wait_for_line(holder, "locked", timeout=60) == "locked\n"
         before = snapshot(out)
         done = run(tmp_path, *(["--resume", "out"] if resume else [*TINY, "--data", "synthetic", "--max-steps", "2"]))
         assert_bad_input(done, f"out is in use by a running run (pid {holder.pid})", unchanged={out: before})
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=60)
 
 
 @pytest.mark.slow
@@ -245,7 +292,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert "holds the records of a run that left no checkpoint; replacing them" in rerun.stdout
     assert [row["step"] for row in metrics(out)] == [1, 2, 3, 4]
-    assert json.loads((out / "run.json").read_text())["args"]["max_steps"] == 4
+    assert json.loads((out / "run.json").read_text())["train_config"]["max_steps"] == 4
 
 
 @pytest.mark.parametrize("resume", [True, False], ids=["resume", "fresh"])
@@ -332,34 +379,31 @@ def test_batch_size_44_on_cpu_runs(tmp_path):
     done = run(tmp_path, "--preset", "pico", "--data", "synthetic", "--batch-size", "44", "--seq-len", "16",
                "--max-steps", "1", "--eval-batches", "1")  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["args"]["grad_accum"] == 4
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["train_config"]["grad_accum"] == 4
 
 
 def test_help_example_runs_with_the_default_seq_len(tmp_path):
     """pico's block size (64) is below the CPU default --seq-len (128): the default shrinks to fit."""
     done = run(tmp_path, "--preset", "pico", "--data", "synthetic", "--max-steps", "2", "--eval-batches", "1")
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["args"]["seq_len"] == 64
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["train_config"]["seq_len"] == 64
 
 
-def in_process_run(tmp_path, monkeypatch, *argv: str) -> int:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NANOGPT2_DATA_DIR", str(tmp_path / "data-cache"))
-    return train_script.main(list(argv))
-
-
-def test_resumed_run_keeps_its_device(tmp_path, monkeypatch, trained):
+def test_resumed_run_keeps_its_device(tmp_path, monkeypatch, capfd, trained):
     """A --device cpu run resumed on a machine with a GPU stays on the CPU (here the GPU is pretended)."""
     shutil.copytree(trained, tmp_path / "out")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert in_process_run(tmp_path, monkeypatch, "--resume", "out", "--max-steps", "31") == 0
+    done = run_in_process(tmp_path, monkeypatch, capfd, "--resume", "out", "--max-steps", "31")
+    assert done.returncode == 0, done.stderr
     record = json.loads((tmp_path / "out" / "run-resume-30.json").read_text())
     assert (
-        record["args"]["device"] == "cpu" and record["device"].startswith("cpu") and record["args"]["attn"] == "torch"
+        record["train_config"]["device"] == "cpu"
+        and record["device"].startswith("cpu")
+        and record["train_config"]["attn"] == "torch"
     )
 
 
-def test_step_time_ends_after_the_optimizer_work(tmp_path, monkeypatch):
+def test_step_time_ends_after_the_optimizer_work(tmp_path, monkeypatch, capfd):
     """Each step's clock stops after its optimizer step and a device sync, so async GPU work is not billed later."""
     events = []
     real_step = torch.optim.AdamW.step
@@ -369,7 +413,8 @@ def test_step_time_ends_after_the_optimizer_work(tmp_path, monkeypatch):
     monkeypatch.setattr(train_script, "synchronize", lambda device: events.append("sync"))
     clock = time.perf_counter
     monkeypatch.setattr(train_script.time, "perf_counter", lambda: events.append("clock") or clock())
-    assert in_process_run(tmp_path, monkeypatch, *TINY, "--data", "synthetic", "--max-steps", "3") == 0
+    done = run_in_process(tmp_path, monkeypatch, capfd, *TINY, "--data", "synthetic", "--max-steps", "3")
+    assert done.returncode == 0, done.stderr
     order = "".join({"step": "s", "sync": "y", "clock": "c"}[e] for e in events)
     assert order.count("s") == 3 and order.count("syc") == 3, order  # step, sync, then the clock read
 
@@ -471,46 +516,76 @@ def test_compiled_run_samples_without_recompiling(tmp_path):
     assert "sample:" in done.stdout and "recompile" not in done.stderr, done.stderr[-2000:]
 
 
+# train.py (argv[1], its flags after it) with torch.save stalled inside its third save of a checkpoint to a file:
+# half the bytes written into write_atomic's temp file, a line naming that file printed, then a pause to be killed in.
+STALL_IN_THIRD_SAVE = """
+import io, os, runpy, sys, time
+import torch
+
+real_save, saves = torch.save, 0
+
+
+def stalling_save(obj, f, *args, **kwargs):
+    global saves
+    if isinstance(f, (str, os.PathLike)):
+        return real_save(obj, f, *args, **kwargs)
+    saves += 1
+    if saves < 3:
+        return real_save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    print("mid-save", os.readlink(f"/proc/self/fd/{f.fileno()}"), flush=True)
+    time.sleep(120)
+    f.write(data[len(data) // 2 :])
+
+
+torch.save = stalling_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.slow
-def test_kill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
-    """SIGKILL while checkpoints are written every step (a save takes about as long as a step): never a torn file."""
-    cmd = train_cmd(*TINY, "--data", "synthetic", "--max-steps", "100000", "--save-every", "1", "--eval-every", "0")
-    for attempt, delay in enumerate((0.0, 0.02, 0.05)):
-        proc = subprocess.Popen(cmd if attempt == 0 else train_cmd("--resume", "out", "--max-steps", "100000"),
-                                cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE, text=True)  # fmt: skip
-        for line in proc.stdout:
-            if line.startswith("step ") and int(line.split()[1].split("/")[0]) % 4 == 3:
-                time.sleep(delay)
-                proc.kill()
-                break
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="names the temp file from /proc/self/fd")
+def test_kill_mid_save_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL inside a checkpoint save, with half of step 3's checkpoint in write_atomic's temp file: ckpt.pt is
+    still step 2's, whole; the torn temp file is all that is left of step 3; the run resumes from step 2 and removes
+    it."""
+    (tmp_path / "stall.py").write_text(STALL_IN_THIRD_SAVE)
+    flags = [*TINY, "--data", "synthetic", "--max-steps", "100", "--save-every", "1", "--eval-every", "0"]
+    cmd = [sys.executable, str(tmp_path / "stall.py"), str(REPO / "train.py"), *flags]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        marker = wait_for_line(proc, "mid-save ", timeout=120)
+    finally:
+        proc.kill()
         proc.wait(timeout=60)
-        ckpt = load_training_checkpoint(tmp_path / "out")
-        assert ckpt["step"] >= 2
-    resumed = run(tmp_path, "--resume", "out", "--max-steps", str(ckpt["step"] + 1))
+    assert marker is not None, "the run ended, or took over 2 minutes, before its third save"
+    out = tmp_path / "out"
+    temp = Path(marker.split(" ", 1)[1].strip())
+    assert temp == out / f".ckpt.pt.tmp-{proc.pid}" and 0 < temp.stat().st_size  # killed inside write_atomic
+    assert load_checkpoint(out)["step"] == 2 and metrics(out)[-1]["step"] == 3  # step 3 was logged, not saved
+    resumed = run(tmp_path, "--resume", "out", "--max-steps", "4")
     assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 2" in resumed.stdout and not temp.exists()
+    assert load_checkpoint(out)["step"] == 4
 
 
-@pytest.mark.slow
-def test_checkpoint_from_before_shuffling_resumes_in_its_own_order(tmp_path, trained, shards):
-    """A checkpoint saved before --data-order existed read its data in order: it resumes that way, bitwise."""
-    straight = run(tmp_path, *TINY, "--data", str(shards), "--max-steps", "6", "--data-order", "sequential",
-                   "--lr", "1e-2", "--out-dir", "straight")  # fmt: skip
-    assert straight.returncode == 0, straight.stderr
-    first = run(tmp_path, *TINY, "--data", str(shards), "--max-steps", "3", "--decay-steps", "6",
-                "--data-order", "sequential", "--lr", "1e-2", "--out-dir", "old")  # fmt: skip
-    assert first.returncode == 0, first.stderr
-    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=False)
-    del ckpt["args"]["data_order"]
-    ckpt["loader"] = {k: ckpt["loader"][k] for k in ("position", "epoch", "n_tokens")}  # the old loader state
-    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
-    before = snapshot(tmp_path / "old")
-    refused = run(tmp_path, "--resume", "old", "--max-steps", "6", "--data-order", "shuffled")
-    assert_bad_input(refused, "read its training data in sequential order, this run asks for shuffled",
-                     unchanged={tmp_path / "old": before})  # fmt: skip
-    resumed = run(tmp_path, "--resume", "old", "--max-steps", "6")
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "old"))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+def test_checkpoint_of_an_older_format_is_one_clear_line(tmp_path, trained):
+    """A checkpoint of nanogpt2 0.1.0 (its keys "config" and "args", no "format") is refused by name, unchanged."""
+    out = copy_run(trained, tmp_path)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["config"], ckpt["args"] = ckpt.pop("model_config"), ckpt.pop("train_config")
+    del ckpt["format"]
+    torch.save(ckpt, out / "ckpt.pt")
+    before = snapshot(out)
+    refused = run(tmp_path, "--resume", str(out), "--max-steps", "40")
+    assert_bad_input(refused, "is a checkpoint of another nanogpt2 version (format 1, this version reads 2)",
+                     unchanged={out: before})  # fmt: skip
 
 
 def test_keep_freed_memory_serves_big_blocks_from_the_heap():
@@ -520,7 +595,7 @@ def test_keep_freed_memory_serves_big_blocks_from_the_heap():
     ~0 faults when run alone, 65,536 inside the full suite on the same machine, for a reason outside the process.)"""
     code = (
         "import ctypes, sys, torch\n"
-        "from nanogpt2.parallel import keep_freed_memory\n"
+        "from nanogpt2.runtime import keep_freed_memory\n"
         "kept = keep_freed_memory() if sys.argv[1] == 'keep' else None\n"
         "libc = ctypes.CDLL(None)\n"
         "libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]\n"
@@ -528,7 +603,7 @@ def test_keep_freed_memory_serves_big_blocks_from_the_heap():
         "print(kept, x.data_ptr() < libc.sbrk(0))\n"
     )
     run = lambda mode: subprocess.run(  # noqa: E731
-        [sys.executable, "-c", code, mode], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code, mode], cwd=REPO, capture_output=True, text=True, check=True, timeout=120
     ).stdout.split()
     kept, in_heap = run("keep")
     if kept != "True":

@@ -52,9 +52,9 @@ class Tile(NamedTuple):
 
 
 # GPU configs for fp16/bf16 per kernel and (head-dim class: 64 for D <= 64, else 128; G > 1), best guess first
-# (NANOGPT2_AUTOTUNE=0 keeps the first). Every (tile, path) listed compiled without spills for sm_90 (benches.sass,
-# 2026-11-28); the dK/dV kernel's loop over a GQA group costs 20-60 registers, so GQA has its own list, and at D=128
-# only its deterministic TMA path fits (the other paths fall back to it, see `_resolve_path`).
+# (NANOGPT2_AUTOTUNE=0 keeps the first). Every (tile, path) listed compiles without spills for sm_90 (benches.sass
+# checks it); the dK/dV kernel's loop over a GQA group costs registers, so GQA has its own list, and at D=128 only its
+# deterministic TMA path fits (the other paths fall back to it, see `_resolve_path`).
 _FWD = {
     64: [Tile(128, 64, 4, 3), Tile(128, 128, 8, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(128, 128, 8, 2)],
     128: [Tile(128, 64, 8, 3), Tile(128, 128, 8, 3, TMA_PATHS), Tile(64, 64, 4, 3), Tile(128, 128, 8, 2, TMA_PATHS)],
@@ -655,9 +655,9 @@ def _autograd_backward(ctx, do, _dlse):
 
 _flash_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
-# Defaults of the code-path switches, from benches/gpu_check.sh on an H200 (triton 3.6, 2026-11-28, BENCHMARKS.md):
-# pointer loads beat TMA descriptors (gpt2 forward 0.129 vs 0.310 ms) and atomic dQ beats its own kernel (fwd+bwd
-# 0.821 vs 1.105 ms). NANOGPT2_ATTN_TMA=1 / NANOGPT2_ATTN_DETERMINISTIC=1 override them for a whole run.
+# Defaults of the code-path switches: the faster ones in benches/gpu_check.sh's measurements (BENCHMARKS.md), pointer
+# loads over TMA descriptors and atomic dQ over its own kernel. NANOGPT2_ATTN_TMA=1 / NANOGPT2_ATTN_DETERMINISTIC=1
+# override them for a whole run.
 USE_TMA = os.environ.get("NANOGPT2_ATTN_TMA", "0") == "1"
 DETERMINISTIC = os.environ.get("NANOGPT2_ATTN_DETERMINISTIC", "0") == "1"
 

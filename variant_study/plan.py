@@ -2,8 +2,8 @@
 
 Two kinds of training run, both through train.py:
 - language modelling ("lm"): each variant on a text corpus, several seeds;
-- associative recall ("recall", nanogpt2/recall.py): each variant, plus the sweeps that explain it: K/V heads 1, 2 and
-  all; for `all` (rotary positions with a window: the windowed model that learns recall in the CPU budget; with
+- associative recall ("recall", variant_study/recall.py): each variant, plus the sweeps that explain it: K/V heads 1,
+  2 and all; for `all` (rotary positions with a window: the windowed model that learns recall in the CPU budget; with
   learned positions a window slows learning down, see the report) the window at W and W/2, and at W over twice the
   layers (can layers relay what a window cannot see?).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nanogpt2.model import GPTConfig
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 # Each variant changes one thing of the baseline (learned positions, multi-head attention, full causal attention).
 VARIANTS: dict[str, dict] = {
@@ -179,7 +179,6 @@ def train_command(part: Part, run: Run, out_dir: Path, device: str) -> list[str]
     settings = {
         "preset": part.preset,
         "data": part.data,
-        "data_order": "shuffled",  # named, so runs made before shuffling existed are not taken as these
         "seq_len": part.seq_len,
         "block_size": part.seq_len,
         "batch_size": part.batch_size,

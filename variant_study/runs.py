@@ -13,14 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nanogpt2.config import MODEL_FIELDS
-from nanogpt2.study.plan import REPO
+from variant_study.plan import REPO
 
 
 def made_by(run_dir: Path, cmd: list[str]) -> bool:
     """Whether the run in run_dir was started by this train.py command line (wherever its directory now is): every
     flag given as recorded, and every model flag not given left at its default (unset)."""
     try:
-        recorded = json.loads((run_dir / "run.json").read_text())["args"]
+        recorded = json.loads((run_dir / "run.json").read_text())["train_config"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
     flags = cmd[2:]

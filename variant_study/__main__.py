@@ -1,10 +1,10 @@
 """The variant study: what rotary positions, grouped-query attention and sliding windows do to a GPT.
 
-    python -m nanogpt2.study [--budget cpu|gpu|toy] [--variants base rope gqa swa all] [--seeds N] [--out DIR]
+    python -m variant_study [--budget cpu|gpu|toy] [--variants base rope gqa swa all] [--seeds N] [--out DIR]
 
 Trains every variant through train.py (a subprocess per run, a few at a time), then measures each trained model here:
 - language modelling: val loss against tokens over several seeds, and at 2x, 4x and 8x the training context;
-- associative recall (nanogpt2/recall.py): accuracy against the distance between a pair and its query, with sweeps
+- associative recall (variant_study/recall.py): accuracy against the distance between a pair and its query, with sweeps
   of K/V heads, window and depth, at the training length and beyond it;
 - decoding: tokens/s and KV-cache bytes against context, with the cache.
 Writes README.md (tables, a reading in plain words made from the numbers), results.json and three plots into --out
@@ -26,16 +26,16 @@ from pathlib import Path
 
 import torch
 
-from nanogpt2.plot import import_pyplot
-from nanogpt2.study.measure import decode_speed, measure_run
-from nanogpt2.study.plan import BUDGETS, DECODE_VARIANTS, VARIANTS, check_budget, plan_runs, train_command
-from nanogpt2.study.report import plot_decode, plot_loss, plot_recall, summarize_lm
-from nanogpt2.study.report_text import write_report
-from nanogpt2.study.runs import train_all
+from variant_study.measure import decode_speed, measure_run
+from variant_study.plan import BUDGETS, DECODE_VARIANTS, VARIANTS, check_budget, plan_runs, train_command
+from variant_study.plot import import_pyplot
+from variant_study.report import plot_decode, plot_loss, plot_recall, summarize_lm
+from variant_study.report_text import write_report
+from variant_study.runs import train_all
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m nanogpt2.study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m variant_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", default="cpu", help=f"scale of the study: {', '.join(BUDGETS)} (default cpu)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"of {', '.join(VARIANTS)} (default all)")
     parser.add_argument("--seeds", type=int, help="language-modelling seeds per variant (default: the budget's)")
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[study] timing decoding", flush=True)
     decode = {v: decode_speed(budget, v) for v in DECODE_VARIANTS if v in variants}
     total_s = time.perf_counter() - t0
-    command = "python -m nanogpt2.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m variant_study " + " ".join(argv if argv is not None else sys.argv[1:])
     about = {
         "command": command.strip(),
         "budget_name": args.budget,

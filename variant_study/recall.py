@@ -12,7 +12,8 @@ is learnt in about 500). Keys are asked with replacement, so which keys are stil
 
 Token ids: 0 filler; PAIR0 + k * N_VALUES + v the pair (key k, value v); KEY0 + k the question for key k; VALUE0 + v
 the answer v; RECALL_VOCAB in all. Every sequence is drawn from (seed, split, index) alone, so a batch is the same at
-any world size or split. `RecallLoader` serves them to train.py (`--data recall`) as BatchLoader serves text.
+any world size or split. `RecallLoader` serves them to train.py (`--data recall`) as BatchLoader serves text: the
+corpus factory (nanogpt2/prepare.py, TASKS) imports this module and uses its VOCAB_SIZE and `corpus()`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ PAIR0 = 1
 KEY0 = PAIR0 + N_KEYS * N_VALUES
 VALUE0 = KEY0 + N_KEYS
 RECALL_VOCAB = VALUE0 + N_VALUES  # 289
-KEYS = range(KEY0, KEY0 + N_KEYS)  # the question tokens
-VALUES = range(VALUE0, VALUE0 + N_VALUES)  # the answer tokens
+VOCAB_SIZE = RECALL_VOCAB  # what the corpus factory reads: the token ids the task needs
 
 
 def min_length(pairs: int = RECALL_PAIRS) -> int:
@@ -138,10 +138,10 @@ class RecallLoader:
         return x, y
 
     def state_dict(self) -> dict:
-        return {"order": RECALL_DATA, "index": self.index, "seed": self.seed, "split": self.split}
+        return {"source": RECALL_DATA, "index": self.index, "seed": self.seed, "split": self.split}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("order") != RECALL_DATA:
+        if state.get("source") != RECALL_DATA:
             raise DataError(
                 f"the checkpoint's loader read a text corpus, not --data {RECALL_DATA}: resume with the same --data"
             )
@@ -150,3 +150,20 @@ class RecallLoader:
                 f"the checkpoint drew its recall sequences with seed {state['seed']}, this run has {self.seed}"
             )
         self.index = state["index"]
+
+
+class RecallCorpus:
+    """`--data recall` as the corpus factory returns it: train (split 0) and val (split 1) loaders from the seed."""
+
+    name, note = RECALL_DATA, ""
+
+    def loaders(
+        self, rows: int, seq_len: int, rank: int, world_size: int, vocab_size: int, order: str, seed: int, batch: int
+    ) -> tuple[RecallLoader, RecallLoader]:
+        """nanogpt2.data.Corpus.loaders' signature; the sequences never run out, and their order is the seed's."""
+        common = dict(rows=rows, seq_len=seq_len, rank=rank, world_size=world_size, seed=seed)
+        return RecallLoader(split=0, **common), RecallLoader(split=1, **common)
+
+
+def corpus() -> RecallCorpus:
+    return RecallCorpus()

@@ -13,11 +13,11 @@ import torch
 from nanogpt2.checkpoint import load_model
 from nanogpt2.data import BatchLoader
 from nanogpt2.model import GPT, GPTConfig
-from nanogpt2.plot import read_metrics
 from nanogpt2.prepare import open_corpus
-from nanogpt2.recall import RECALL_PAIRS, recall_batch
 from nanogpt2.sample import KVCache
-from nanogpt2.study.plan import Budget, Part, variant_flags
+from variant_study.plan import Budget, Part, variant_flags
+from variant_study.plot import read_metrics
+from variant_study.recall import RECALL_PAIRS, recall_batch
 
 PREFILL_CHUNK = 1024  # prompt tokens per forward pass when filling the cache for the decoding benchmark
 RECALL_EVAL_SEED = 12345  # val split sequences of this seed: the same questions for every model

@@ -6,9 +6,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from nanogpt2.plot import import_pyplot
-from nanogpt2.recall import N_VALUES
-from nanogpt2.study.plan import Budget
+from variant_study.plan import Budget
+from variant_study.plot import import_pyplot
+from variant_study.recall import N_VALUES
 
 GOOD = 0.9  # recall accuracy that counts as "recalls"
 CHANCE = 1 / N_VALUES  # one of the values

@@ -1,6 +1,6 @@
 """Loss curves of training runs: train and val loss against tokens seen, one color per run.
 
-    python -m nanogpt2.plot OUT_DIR/metrics.jsonl [MORE.jsonl ...] [--labels a b ...] -o loss.png
+    python -m variant_study.plot OUT_DIR/metrics.jsonl [MORE.jsonl ...] [--labels a b ...] -o loss.png
 
 matplotlib is optional for the project; this module asks for it by name when it is missing.
 """

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanogpt2.recall import RECALL_PAIRS
-from nanogpt2.study.measure import EVAL_QUESTIONS
-from nanogpt2.study.plan import Budget, Part
-from nanogpt2.study.report import (
+from variant_study.measure import EVAL_QUESTIONS
+from variant_study.plan import Budget, Part
+from variant_study.recall import RECALL_PAIRS
+from variant_study.report import (
     CHANCE,
     GOOD,
     decode_reading,
@@ -37,9 +37,9 @@ def recall_section(recall: dict[str, dict], budget: Budget) -> list[str]:
     lines = [
         "## 1. Associative recall against distance",
         "",
-        f"Multi-query associative recall (`--data recall`, nanogpt2/recall.py): {RECALL_PAIRS} key-value pairs open "
-        "each sequence, each pair one token naming its key and value, then questions (a key; the model must emit its "
-        "value) at random places later on, filler between; only the answers are scored. Distance is the number of "
+        f"Multi-query associative recall (`--data recall`, variant_study/recall.py): {RECALL_PAIRS} key-value pairs "
+        "open each sequence, each pair one token naming its key and value, then questions (a key; the model must emit "
+        "its value) at random places later on, filler between; only the answers are scored. Distance is the number of "
         f"positions from the pair to the question. Each run: {describe(part)}, one seed. Measured on "
         f"{budget.recall_eval_rows} held-out sequences at the training length (k times as many at k times the "
         f"length), each asking {EVAL_QUESTIONS} distinct keys, so the pair is the only place an answer stood before; "

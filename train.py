@@ -22,13 +22,14 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from nanogpt2.checkpoint import TRAIN_CKPT, load_checkpoint, restore_checkpoint, save_checkpoint
 from nanogpt2.config import TrainConfig, from_flags, parse_flags
 from nanogpt2.data import Loader
-from nanogpt2.errors import USER_ERRORS, DivergedError
+from nanogpt2.errors import USER_ERRORS, CheckpointError, DivergedError
 from nanogpt2.model import GPT
 from nanogpt2.parallel import (
     DistEnv,
@@ -124,21 +125,53 @@ def sample_text(model: GPT, seed: int, device: torch.device) -> str:
 # Training
 
 
-class StopFlag:
-    """Turns the first Ctrl-C into a request to checkpoint and stop at the end of the current step."""
+class Interrupted(BaseException):
+    """A second SIGTERM (as KeyboardInterrupt is a second Ctrl-C): stop at once, without a checkpoint."""
 
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopRequest:
+    """Why a run should checkpoint and stop at the end of its current step: the first SIGINT (Ctrl-C) or SIGTERM (what
+    `timeout`, SLURM, Kubernetes and a preempted instance send), or --time-limit about to run out. A second signal
+    aborts at once, leaving the last checkpoint as it was."""
+
+    def __init__(self, time_limit_s: float | None):
+        self.signum: int | None = None
+        self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to abort)", flush=True)
+        if self.signum is not None:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving a checkpoint at the end of this step ({name} again to abort)", flush=True)
+
+    def reason(self, step_s: float, save_s: float) -> str | None:
+        """Why to stop now: a signal's name, or "--time-limit" when another step and a save would overrun it."""
+        if self.signum is not None:
+            return signal.Signals(self.signum).name
+        if self.deadline is not None and time.monotonic() + step_s + save_s > self.deadline:
+            return "--time-limit"
+        return None
+
+    def exit_status(self) -> int:
+        """128 + the signal's number, as a shell reports a process a signal ended; 0 for the time limit."""
+        return 128 + self.signum if self.signum is not None else 0
 
     def restore(self) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def resume_hint(out_dir: Path, saved_step: int | None) -> str:
+    """Where an early stop leaves the run: the last good checkpoint's step and the command that continues it."""
+    if saved_step is None:
+        return "no checkpoint was written yet"
+    return f"last good checkpoint: step {saved_step} in {out_dir}; continue with --resume {out_dir}"
 
 
 def finite(loss: float, norm: float, scaler: torch.amp.GradScaler) -> bool:
@@ -228,12 +261,20 @@ def train(argv: list[str] | None = None) -> int:
     samples = cfg.can_decode_samples(model_cfg)
     metrics = open_metrics(cfg.out_dir, step) if env.is_main else None
 
+    saved_step, save_s = (step if ckpt else None), 0.0
+
     def save(step: int) -> None:
-        save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, train_loader, model_cfg, cfg.to_dict(),
-                        sharded=mode == "fsdp", is_main=env.is_main)  # fmt: skip
+        nonlocal saved_step, save_s
+        t0 = time.perf_counter()
+        try:
+            save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, train_loader, model_cfg, cfg.to_dict(),
+                            sharded=mode == "fsdp", is_main=env.is_main)  # fmt: skip
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; {resume_hint(cfg.out_dir, saved_step)}") from None
+        saved_step, save_s = step, time.perf_counter() - t0
 
     # The loop: one optimizer step, its log line and metrics row, then eval, checkpoint and sample when due.
-    stop = StopFlag()
+    stop = StopRequest(cfg.time_limit)
     first_loss = last_loss = val_loss = None
     step_times: list[float] = []
     t_start = time.perf_counter()
@@ -248,10 +289,9 @@ def train(argv: list[str] | None = None) -> int:
             synchronize(device)  # the optimizer's queued kernels count in this step's time, not the next one's
             dt = time.perf_counter() - t0
             if not finite(loss_value, norm, scaler):
-                last = cfg.out_dir / TRAIN_CKPT if (cfg.out_dir / TRAIN_CKPT).exists() else "none yet"
                 raise DivergedError(
-                    f"loss {loss_value} / grad norm {norm} at step {step + 1} is not finite: stopped "
-                    f"(last good checkpoint: {last}); try a lower --lr"
+                    f"loss {loss_value} / grad norm {norm} at step {step + 1} is not finite: stopped (a lower --lr in "
+                    f"a new run may help); {resume_hint(cfg.out_dir, saved_step)}"
                 )
             step += 1
             first_loss = loss_value if first_loss is None else first_loss
@@ -276,14 +316,15 @@ def train(argv: list[str] | None = None) -> int:
             if metrics:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-            stopping = any_rank(stop.requested, device)  # a Ctrl-C that reached some ranks stops them all
+            why = stop.reason(max(step_times[-10:]), save_s)
+            stopping = any_rank(why is not None, device)  # the same step on every rank, whichever saw the reason
             if (cfg.save_every and step % cfg.save_every == 0) or last_step or stopping:
                 save(step)
             if cfg.sample_every and step % cfg.sample_every == 0 and not last_step and samples:
                 print0(f"sample:\n{sample_text(raw_model, cfg.seed, device)}")  # every rank: FSDP's forward
-            if stopping:
-                print0(f"interrupted: checkpoint at step {step} in {cfg.out_dir}; continue with --resume {cfg.out_dir}")
-                return 130
+            if stopping and not last_step:
+                print0(f"stopped by {why or 'another rank'} after step {step}: {resume_hint(cfg.out_dir, saved_step)}")
+                return stop.exit_status()
     finally:
         stop.restore()
         if metrics:
@@ -326,9 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         line = f"error: [rank {torch.distributed.get_rank()}] stopped: another rank failed or timed out (see above)"
         print(line, file=sys.stderr, flush=True)
         os._exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted; checkpoints already written are intact", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        print(f"error: {name} again: stopped at once; checkpoints already written are intact", file=sys.stderr)
+        return 128 + signum
     cleanup()
     return status
 

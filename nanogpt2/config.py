@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -102,6 +103,7 @@ class TrainConfig:
     sample_every: int = flag(group=EVAL_AND_OUTPUT, default=0, type=int, help="print a sample every N steps; 0: at the end only (default: 0)")
     save_every: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help="checkpoint every N steps, at the end and on Ctrl-C; 0: those two only (default: eval-every)")
     out_dir: Path | None = flag(group=EVAL_AND_OUTPUT, type=Path, kind="how", help="where the checkpoint, metrics.jsonl and run.json go (default: out)")
+    time_limit: float | None = flag(group=EVAL_AND_OUTPUT, type=lambda text: parse_duration(text), kind="how", metavar="DURATION", help="stop with a checkpoint before this much wall-clock time has passed (e.g. 3h50m, 90m, 45s, or seconds), as a batch job's limit requires; the run exits 0 and continues with --resume (default: none)")
     resume: Path | None = flag(group=EVAL_AND_OUTPUT, type=Path, kind="how", metavar="OUT_DIR", help="continue the run whose checkpoint is in OUT_DIR, with its config (flags given again override its step, logging and device settings); --resume OUT --max-steps N trains the steps past the old --max-steps at the schedule's final learning rate, --min-lr")
     # device
     device: str = flag(group=DEVICE, default="auto", type=str, help="auto, cpu, cuda or cuda:N (default: auto: cuda if available; a resumed run keeps its own)")
@@ -177,7 +179,7 @@ class TrainConfig:
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{flag_name(key)} must be in [0, 1), got {getattr(self, key)}")
-        for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "lr", "decay_steps"):
+        for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "lr", "decay_steps", "time_limit"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"{flag_name(key)} must be positive, got {getattr(self, key)}")
         for key in ("warmup_steps", "eval_every", "sample_every", "save_every", "min_lr", "weight_decay", "grad_clip"):
@@ -244,6 +246,15 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as 3h50m, 90m, 1h30m15s or 3600; argparse's error for anything else."""
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    if not text.strip() or match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 3h50m, 90m, 45s or 3600)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def flag_name(key: str) -> str:

@@ -27,6 +27,20 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int 
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(main, *args: str, capfd) -> subprocess.CompletedProcess:
+    """A CLI's `main(argv)` in this process, for tests of what a command does rather than of how its process exits:
+    its exit status (argparse's included) and what it wrote to stdout and stderr (`capfd`, pytest's fixture, which
+    also catches what bypasses sys.stdout), as run_cli returns them. A Python warning goes to pytest here, not to
+    stderr: each CLI keeps a few subprocess cases for its exit status and one-line stderr."""
+    capfd.readouterr()
+    try:
+        status = main(list(args))
+    except SystemExit as e:  # argparse's refusal of a flag, or --help
+        status = e.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess([main.__module__, *args], status, out, err)
+
+
 def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str | None:
     """The first line of `proc`'s stdout (a text pipe) that starts with `prefix`; None when its output ends first. A
     pipe read line by line has no timeout of its own: after `timeout` seconds the process is killed, which ends it."""

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bad_input, llmc_shard, run_cli
+from helpers import assert_bad_input, llmc_shard, run_cli, run_main
 
 from nanogpt2.data import (
     HEADER_INTS,
@@ -18,6 +18,7 @@ from nanogpt2.data import (
     read_shard,
     write_shard,
 )
+from nanogpt2.prepare import main as prepare_main
 from nanogpt2.prepare import open_corpus, prepare
 from nanogpt2.tokenizer import EOT, encode
 
@@ -122,7 +123,7 @@ def test_prepare_cli(tmp_path):
         ("checkpoint", "t.txt: a binary file (byte 4 is NUL), not text"),
     ],
 )  # fmt: skip
-def test_text_that_is_not_utf8_is_refused(tmp_path, encoding, message):
+def test_text_that_is_not_utf8_is_refused(tmp_path, monkeypatch, capfd, encoding, message):
     """UTF-16 (NUL bytes are valid UTF-8, but no text has them), latin-1: one line with the offset and the iconv
     command; random bytes and a torch checkpoint: a binary file."""
     text = "Café au lait, s'il vous plaît. " * 50
@@ -134,7 +135,8 @@ def test_text_that_is_not_utf8_is_refused(tmp_path, encoding, message):
     else:
         raw = text.encode(encoding)
     (tmp_path / "t.txt").write_bytes(raw)
-    assert_bad_input(run_cli("-m", "nanogpt2.prepare", "t.txt", "--out", "x", cwd=tmp_path), message)
+    monkeypatch.chdir(tmp_path)
+    assert_bad_input(run_main(prepare_main, "t.txt", "--out", "x", capfd=capfd), message)
     assert not (tmp_path / "x").exists()
 
 

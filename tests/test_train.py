@@ -4,7 +4,9 @@ Runs are subprocesses, or run in this process (`run_in_process`) where how the p
 with cwd and NANOGPT2_DATA_DIR in tmp_path, so nothing is written into the repository.
 """
 
+import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -12,16 +14,17 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, assert_bad_input, cpu_config, llmc_shard, run_cli, snapshot, wait_for_line
+from helpers import REPO, assert_bad_input, cpu_config, llmc_shard, run_cli, run_main, snapshot, wait_for_line
 
 import train as train_script
 from nanogpt2.checkpoint import load_checkpoint, load_model
-from nanogpt2.config import ConfigError, TrainConfig, auto_grad_accum, build_parser
+from nanogpt2.config import ConfigError, TrainConfig, auto_grad_accum, build_parser, parse_duration
 from nanogpt2.model import GPTConfig
 from nanogpt2.prepare import prepare
 from nanogpt2.tokenizer import EOT, VOCAB_SIZE, get_encoding
@@ -42,33 +45,32 @@ def run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def run_in_process(tmp: Path, monkeypatch, capfd, *args: str) -> subprocess.CompletedProcess:
-    """`run` without the process start, for tests of what a run does rather than of how its process exits:
-    train.py's main(args) here, with cwd and NANOGPT2_DATA_DIR in `tmp`, its exit status (argparse's included) and
-    what it wrote to stdout and stderr. A warning shows in a subprocess's stderr, not here: the exit-status tests run
-    subprocesses. What a run leaves set in its process is put back or kept out: malloc's settings (process-wide, not
-    changed here), torch's RNG and fp32 matmul precision, and the run directory's lock (held till its process exits,
-    closed here)."""
+    """`run` without the process start: train.py's main(args) through run_main, with cwd and NANOGPT2_DATA_DIR in
+    `tmp`. What a run leaves set in its process is put back or kept out: malloc's settings (process-wide: not
+    changed), torch's RNG and fp32 matmul precision, and the run directory's lock (held till the process exits:
+    closed)."""
     monkeypatch.chdir(tmp)
     monkeypatch.setenv("NANOGPT2_DATA_DIR", str(tmp / "data-cache"))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, as `run` starts it
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(train_script, "keep_freed_memory", lambda: False)
-    capfd.readouterr()
     fds = set(os.listdir("/proc/self/fd"))
     precision = torch.get_float32_matmul_precision()
     try:
         with torch.random.fork_rng():
-            status = train_script.main(list(args))
-    except SystemExit as e:  # argparse's refusal of a flag
-        status = e.code
+            return run_main(train_script.main, *args, capfd=capfd)
     finally:
         torch.set_float32_matmul_precision(precision)
         for fd in set(os.listdir("/proc/self/fd")) - fds:
             with contextlib.suppress(OSError):
                 if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp.resolve())):
                     os.close(int(fd))
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(["train.py", *args], status, out, err)
+
+
+@pytest.fixture
+def run_here(tmp_path, monkeypatch, capfd):
+    """`run` in tmp_path, in this process: run_here(*args) is run_in_process(tmp_path, ..., *args)."""
+    return functools.partial(run_in_process, tmp_path, monkeypatch, capfd)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -113,9 +115,15 @@ def test_loss_falls_and_run_is_recorded(trained):
 @pytest.mark.slow
 def test_resume_is_bitwise(tmp_path, shards):
     common = [*TINY, "--data", str(shards), "--dropout", "0.1", "--grad-accum", "2", "--eval-every", "3"]
-    straight = run(tmp_path, *common, "--max-steps", "8", "--out-dir", "straight")
+    with ThreadPoolExecutor(max_workers=2) as pool:  # independent runs, mostly process start-up: side by side
+        straight, first = pool.map(
+            lambda args: run(tmp_path, *common, *args),
+            [
+                ["--max-steps", "8", "--out-dir", "straight"],
+                ["--max-steps", "4", "--decay-steps", "8", "--out-dir", "split"],
+            ],
+        )
     assert straight.returncode == 0, straight.stderr
-    first = run(tmp_path, *common, "--max-steps", "4", "--decay-steps", "8", "--out-dir", "split")
     assert first.returncode == 0, first.stderr
     # A crash after step 6 was logged but before it was saved, mid-way through a line: the checkpoint is still step
     # 4's, the log runs to 6 and ends in a torn line.
@@ -137,20 +145,55 @@ def test_resume_is_bitwise(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum):
+    """Ctrl-C, or SIGTERM as timeout, SLURM, Kubernetes and preemptions send it: the step ends, a checkpoint is
+    saved, the last line says where to resume, and the exit status is the signal's (130, 143)."""
     cmd = train_cmd(*TINY, "--data", "synthetic", "--max-steps", "100000", "--save-every", "0", "--eval-every", "0")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     if wait_for_line(proc, "step 3/", timeout=120):
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted: checkpoint at step" in out
+    assert proc.returncode == 128 + signum, err
     step = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"]
+    last = out.strip().splitlines()[-1]
+    name = signal.Signals(signum).name
+    assert (
+        last == f"stopped by {name} after step {step}: last good checkpoint: step {step} in out; continue with "
+        "--resume out"
+    )
     assert step >= 3 and metrics(tmp_path / "out")[-1]["step"] == step
     resumed = run(tmp_path, "--resume", "out", "--max-steps", str(step + 2))
     assert resumed.returncode == 0, resumed.stderr
     assert f"step {step + 2}/{step + 2}" in resumed.stdout
+
+
+def test_time_limit_stops_with_a_checkpoint_before_it_runs_out(tmp_path):
+    started = time.monotonic()
+    done = run(
+        tmp_path, *TINY, "--data", "synthetic", "--max-steps", "100000", "--eval-every", "0", "--time-limit", "4s"
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 60  # stopped by the limit, not by --max-steps
+    step = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 1 and metrics(tmp_path / "out")[-1]["step"] == step
+    assert done.stdout.strip().splitlines()[-1] == (
+        f"stopped by --time-limit after step {step}: last good checkpoint: step {step} in out; continue with "
+        "--resume out"
+    )
+
+
+@pytest.mark.parametrize("text, seconds", [("3h50m", 13800), ("90m", 5400), ("1h30m15s", 5415), ("45s", 45),
+                                           ("3600", 3600), ("2.5h", 9000)])  # fmt: skip
+def test_durations_read_as_a_batch_job_writes_them(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "3d", "1h-5m", "m"])
+def test_a_bad_duration_is_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a duration"):
+        parse_duration(text)
 
 
 def bad_shard(tmp: Path, kind: str) -> str:
@@ -193,13 +236,13 @@ def bad_shard(tmp: Path, kind: str) -> str:
         (lambda t: ["--data", "synthetic", "--dist-timeout", "0"], "--dist-timeout must be a positive number"),
     ],
 )
-def test_bad_input(tmp_path, monkeypatch, capfd, make_args, message):
+def test_bad_input(tmp_path, run_here, make_args, message):
     (tmp_path / "file").write_text("a regular file")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "empties").mkdir()
     (tmp_path / "empties" / "a.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("Café au lait".encode("latin-1"))
-    done = run_in_process(tmp_path, monkeypatch, capfd, *TINY, "--max-steps", "2", *make_args(tmp_path))
+    done = run_here(*TINY, "--max-steps", "2", *make_args(tmp_path))
     assert_bad_input(done, message)
     if "token id" not in message:  # found in the first batches only, after the run began
         assert not (tmp_path / "out").exists() and not (tmp_path / "data-cache").exists()  # nothing left behind
@@ -228,25 +271,25 @@ def copy_run(trained: Path, tmp: Path) -> Path:
     return out
 
 
-def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, trained):
+def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, trained, run_here):
     out = copy_run(trained, tmp_path)
     raw = (out / "ckpt.pt").read_bytes()
     (out / "ckpt.pt").write_bytes(raw[: len(raw) // 2])
-    done = run(tmp_path, "--resume", "out", "--max-steps", "40")
+    done = run_here("--resume", "out", "--max-steps", "40")
     assert done.returncode == 1 and "is not a readable checkpoint" in done.stderr and "Traceback" not in done.stderr
     assert (out / "ckpt.pt").read_bytes() == raw[: len(raw) // 2]
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path, trained):
+def test_checkpoint_of_another_model_is_refused(tmp_path, trained, run_here):
     out = copy_run(trained, tmp_path)
-    done = run(tmp_path, "--resume", "out", "--preset", "nano")
+    done = run_here("--resume", "out", "--preset", "nano")
     assert done.returncode == 1 and "--preset nano differs from the checkpoint's pico" in done.stderr
     assert (out / "ckpt.pt").read_bytes() == (trained / "ckpt.pt").read_bytes()
 
 
-def test_fresh_run_never_overwrites_a_checkpoint(tmp_path, trained):
+def test_fresh_run_never_overwrites_a_checkpoint(tmp_path, trained, run_here):
     out = copy_run(trained, tmp_path)
-    done = run(tmp_path, *TINY, "--data", "synthetic", "--max-steps", "2")
+    done = run_here(*TINY, "--data", "synthetic", "--max-steps", "2")
     assert done.returncode == 1 and f"continue it with --resume {Path('out')}" in done.stderr
     assert (out / "ckpt.pt").read_bytes() == (trained / "ckpt.pt").read_bytes()
     assert metrics(out) == metrics(trained)
@@ -258,7 +301,7 @@ HOLD += "lock_out_dir(Path(sys.argv[1])); print('locked', flush=True); time.slee
 
 
 @pytest.mark.parametrize("resume", [True, False], ids=["resume", "fresh"])
-def test_a_second_writer_is_refused_and_changes_nothing(tmp_path, trained, resume):
+def test_a_second_writer_is_refused_and_changes_nothing(tmp_path, trained, run_here, resume):
     out = copy_run(trained, tmp_path)
     (out / ".ckpt.pt.tmp-99999").write_bytes(b"a killed save's")  # the running run's to clean, not the refused one's
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=env_for(tmp_path), stdout=subprocess.PIPE,
@@ -266,7 +309,7 @@ def test_a_second_writer_is_refused_and_changes_nothing(tmp_path, trained, resum
     try:
         assert wait_for_line(holder, "locked", timeout=60) == "locked\n"
         before = snapshot(out)
-        done = run(tmp_path, *(["--resume", "out"] if resume else [*TINY, "--data", "synthetic", "--max-steps", "2"]))
+        done = run_here(*(["--resume", "out"] if resume else [*TINY, "--data", "synthetic", "--max-steps", "2"]))
         assert_bad_input(done, f"out is in use by a running run (pid {holder.pid})", unchanged={out: before})
     finally:
         holder.kill()
@@ -274,7 +317,7 @@ def test_a_second_writer_is_refused_and_changes_nothing(tmp_path, trained, resum
 
 
 @pytest.mark.slow
-def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun(tmp_path):
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun(tmp_path, run_here):
     """It left metrics.jsonl and run.json but no checkpoint: the same command, once the data is fixed, runs."""
     data = tmp_path / "shards"
     data.mkdir()
@@ -283,12 +326,12 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun(tmp_path):
     tokens[300] = 50257  # read in step 3: each step reads 4 x 32 + 1 tokens, in order
     llmc_shard(data / "train_000000.bin", tokens)
     args = [*TINY, "--data", str(data), "--data-order", "sequential", "--max-steps", "4"]
-    assert_bad_input(run(tmp_path, *args), "token id 50257 >= vocab size 50257")
+    assert_bad_input(run_here(*args), "token id 50257 >= vocab size 50257")
     out = tmp_path / "out"
     assert [row["step"] for row in metrics(out)] == [1, 2] and not (out / "ckpt.pt").exists()
     tokens[300] = 7
     llmc_shard(data / "train_000000.bin", tokens)
-    rerun = run(tmp_path, *args)
+    rerun = run_here(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert "holds the records of a run that left no checkpoint; replacing them" in rerun.stdout
     assert [row["step"] for row in metrics(out)] == [1, 2, 3, 4]
@@ -296,29 +339,29 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun(tmp_path):
 
 
 @pytest.mark.parametrize("resume", [True, False], ids=["resume", "fresh"])
-def test_temp_files_of_killed_saves_are_removed(tmp_path, trained, resume):
+def test_temp_files_of_killed_saves_are_removed(tmp_path, trained, run_here, resume):
     out = copy_run(trained, tmp_path) if resume else tmp_path / "out"
     out.mkdir(exist_ok=True)
     stale = [out / ".ckpt.pt.tmp-99999", out / ".metrics.jsonl.tmp-12345", out / ".run.json.tmp-4242"]
     for path in stale:
         path.write_bytes(b"left by a process killed mid-write")
-    done = run(tmp_path, *(["--resume", "out", "--max-steps", "31"] if resume else [*TINY, "--data", "synthetic",
-                                                                                    "--max-steps", "1"]))  # fmt: skip
+    done = run_here(*(["--resume", "out", "--max-steps", "31"] if resume else [*TINY, "--data", "synthetic",
+                                                                              "--max-steps", "1"]))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert not any(path.exists() for path in stale)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
-    done = run(tmp_path, *TINY, "--data", "synthetic", "--max-steps", "50", "--lr", "1e10", "--warmup-steps", "0",
-               "--save-every", "1", "--grad-clip", "0")  # fmt: skip
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, run_here):
+    done = run_here(*TINY, "--data", "synthetic", "--max-steps", "50", "--lr", "1e10", "--warmup-steps", "0",
+                    "--save-every", "1", "--grad-clip", "0")  # fmt: skip
     assert done.returncode == 1 and "is not finite: stopped" in done.stderr and "Traceback" not in done.stderr
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert 1 <= ckpt["step"] < 50 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert f"step {ckpt['step'] + 1} is not finite" in done.stderr
 
 
-def test_help_documents_every_flag():
-    done = subprocess.run(train_cmd("--help"), capture_output=True, text=True, timeout=60)
+def test_help_documents_every_flag(run_here):
+    done = run_here("--help")
     assert done.returncode == 0
     actions = [a for a in build_parser()._actions if a.dest != "help"]
     assert {a.dest for a in actions} == set(TrainConfig.__dataclass_fields__)  # every config field is a flag
@@ -375,25 +418,25 @@ def test_automatic_grad_accum_divides_the_batch(batch_size, world_size):
     )
 
 
-def test_batch_size_44_on_cpu_runs(tmp_path):
-    done = run(tmp_path, "--preset", "pico", "--data", "synthetic", "--batch-size", "44", "--seq-len", "16",
-               "--max-steps", "1", "--eval-batches", "1")  # fmt: skip
+def test_batch_size_44_on_cpu_runs(tmp_path, run_here):
+    done = run_here("--preset", "pico", "--data", "synthetic", "--batch-size", "44", "--seq-len", "16",
+                    "--max-steps", "1", "--eval-batches", "1")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "out" / "run.json").read_text())["train_config"]["grad_accum"] == 4
 
 
-def test_help_example_runs_with_the_default_seq_len(tmp_path):
+def test_help_example_runs_with_the_default_seq_len(tmp_path, run_here):
     """pico's block size (64) is below the CPU default --seq-len (128): the default shrinks to fit."""
-    done = run(tmp_path, "--preset", "pico", "--data", "synthetic", "--max-steps", "2", "--eval-batches", "1")
+    done = run_here("--preset", "pico", "--data", "synthetic", "--max-steps", "2", "--eval-batches", "1")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "out" / "run.json").read_text())["train_config"]["seq_len"] == 64
 
 
-def test_resumed_run_keeps_its_device(tmp_path, monkeypatch, capfd, trained):
+def test_resumed_run_keeps_its_device(tmp_path, monkeypatch, trained, run_here):
     """A --device cpu run resumed on a machine with a GPU stays on the CPU (here the GPU is pretended)."""
     shutil.copytree(trained, tmp_path / "out")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    done = run_in_process(tmp_path, monkeypatch, capfd, "--resume", "out", "--max-steps", "31")
+    done = run_here("--resume", "out", "--max-steps", "31")
     assert done.returncode == 0, done.stderr
     record = json.loads((tmp_path / "out" / "run-resume-30.json").read_text())
     assert (
@@ -403,7 +446,7 @@ def test_resumed_run_keeps_its_device(tmp_path, monkeypatch, capfd, trained):
     )
 
 
-def test_step_time_ends_after_the_optimizer_work(tmp_path, monkeypatch, capfd):
+def test_step_time_ends_after_the_optimizer_work(monkeypatch, run_here):
     """Each step's clock stops after its optimizer step and a device sync, so async GPU work is not billed later."""
     events = []
     real_step = torch.optim.AdamW.step
@@ -413,15 +456,15 @@ def test_step_time_ends_after_the_optimizer_work(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(train_script, "synchronize", lambda device: events.append("sync"))
     clock = time.perf_counter
     monkeypatch.setattr(train_script.time, "perf_counter", lambda: events.append("clock") or clock())
-    done = run_in_process(tmp_path, monkeypatch, capfd, *TINY, "--data", "synthetic", "--max-steps", "3")
+    done = run_here(*TINY, "--data", "synthetic", "--max-steps", "3")
     assert done.returncode == 0, done.stderr
     order = "".join({"step": "s", "sync": "y", "clock": "c"}[e] for e in events)
     assert order.count("s") == 3 and order.count("syc") == 3, order  # step, sync, then the clock read
 
 
-def test_resumed_run_reports_the_same_steps_everywhere(tmp_path, trained):
+def test_resumed_run_reports_the_same_steps_everywhere(tmp_path, trained, run_here):
     out = copy_run(trained, tmp_path)
-    done = run(tmp_path, "--resume", "out", "--max-steps", "33")
+    done = run_here("--resume", "out", "--max-steps", "33")
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 33 and summary["steps_this_run"] == 3
@@ -445,11 +488,11 @@ def test_files_are_readable_by_the_group(trained):
         (["--data", "synthetic", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
     ],
 )
-def test_the_real_error_comes_before_the_existing_run(tmp_path, trained, args, message):
+def test_the_real_error_comes_before_the_existing_run(tmp_path, trained, run_here, args, message):
     """A fresh run into out/, which holds a run: the bad flag or data is reported, not the run, and out/ is kept."""
     out = copy_run(trained, tmp_path)
     before = snapshot(out)
-    done = run(tmp_path, *TINY, "--max-steps", "2", *args)
+    done = run_here(*TINY, "--max-steps", "2", *args)
     assert_bad_input(done, message, unchanged={out: before})
 
 
@@ -462,8 +505,8 @@ def test_export_refuses_to_overwrite(tmp_path, trained, flag):
     assert_bad_input(done, "exists; not overwriting it", unchanged={tmp_path / "taken": before})
 
 
-def test_export_checks_the_hf_target_before_writing_anything(tmp_path):
-    done = run(tmp_path, *TINY, "--data", "synthetic", "--pos-emb", "rope", "--max-steps", "1")
+def test_export_checks_the_hf_target_before_writing_anything(tmp_path, run_here):
+    done = run_here(*TINY, "--data", "synthetic", "--pos-emb", "rope", "--max-steps", "1")
     assert done.returncode == 0, done.stderr
     export = run_cli("-m", "nanogpt2.checkpoint", str(tmp_path / "out"), "--out", str(tmp_path / "m.pt"),
                      "--hf", str(tmp_path / "hf"))  # fmt: skip
@@ -575,7 +618,7 @@ def test_kill_mid_save_leaves_a_loadable_checkpoint(tmp_path):
     assert load_checkpoint(out)["step"] == 4
 
 
-def test_checkpoint_of_an_older_format_is_one_clear_line(tmp_path, trained):
+def test_checkpoint_of_an_older_format_is_one_clear_line(tmp_path, trained, run_here):
     """A checkpoint of nanogpt2 0.1.0 (its keys "config" and "args", no "format") is refused by name, unchanged."""
     out = copy_run(trained, tmp_path)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -583,7 +626,7 @@ def test_checkpoint_of_an_older_format_is_one_clear_line(tmp_path, trained):
     del ckpt["format"]
     torch.save(ckpt, out / "ckpt.pt")
     before = snapshot(out)
-    refused = run(tmp_path, "--resume", str(out), "--max-steps", "40")
+    refused = run_here("--resume", str(out), "--max-steps", "40")
     assert_bad_input(refused, "is a checkpoint of another nanogpt2 version (format 1, this version reads 2)",
                      unchanged={out: before})  # fmt: skip
 

@@ -16,7 +16,6 @@ sequences per optimizer step: split into --grad-accum micro-steps, each micro-ba
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import signal
@@ -25,11 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from nanogpt2.checkpoint import TRAIN_CKPT, load_checkpoint, restore_checkpoint, save_checkpoint
 from nanogpt2.config import TrainConfig, from_flags, parse_flags
 from nanogpt2.data import Loader
-from nanogpt2.errors import USER_ERRORS, CheckpointError, DivergedError
+from nanogpt2.errors import USER_ERRORS, CheckpointError, DivergedError, WriteError
 from nanogpt2.model import GPT
 from nanogpt2.parallel import (
     DistEnv,
@@ -44,9 +44,11 @@ from nanogpt2.parallel import (
     parallelize,
     peer_failed,
     print0,
+    report_to_launcher,
 )
 from nanogpt2.prepare import check_data, open_corpus
 from nanogpt2.run import (
+    append_metrics,
     log_memory,
     open_metrics,
     peak_flops,
@@ -138,15 +140,20 @@ class StopRequest:
     `timeout`, SLURM, Kubernetes and a preempted instance send), or --time-limit about to run out. A second signal
     aborts at once, leaving the last checkpoint as it was."""
 
+    SAME_REQUEST_S = 1.0  # a signal repeated this soon is the same request: torchrun forwards the one a group got
+
     def __init__(self, time_limit_s: float | None):
         self.signum: int | None = None
+        self.first_at = 0.0
         self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         if self.signum is not None:
+            if time.monotonic() - self.first_at < self.SAME_REQUEST_S:
+                return
             raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
-        self.signum = signum
+        self.signum, self.first_at = signum, time.monotonic()
         name = signal.Signals(signum).name
         print(f"\n{name}: saving a checkpoint at the end of this step ({name} again to abort)", flush=True)
 
@@ -266,11 +273,8 @@ def train(argv: list[str] | None = None) -> int:
     def save(step: int) -> None:
         nonlocal saved_step, save_s
         t0 = time.perf_counter()
-        try:
-            save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, train_loader, model_cfg, cfg.to_dict(),
-                            sharded=mode == "fsdp", is_main=env.is_main)  # fmt: skip
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}; {resume_hint(cfg.out_dir, saved_step)}") from None
+        save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, train_loader, model_cfg, cfg.to_dict(),
+                        sharded=mode == "fsdp", is_main=env.is_main)  # fmt: skip
         saved_step, save_s = step, time.perf_counter() - t0
 
     # The loop: one optimizer step, its log line and metrics row, then eval, checkpoint and sample when due.
@@ -314,8 +318,7 @@ def train(argv: list[str] | None = None) -> int:
                 val_loss = row["val_loss"] = evaluate(model, val_loader, eval_batches, autocast)
                 print0(f"step {step}/{cfg.max_steps} | val loss {val_loss:.3f}")
             if metrics:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                append_metrics(metrics, row)
             why = stop.reason(max(step_times[-10:]), save_s)
             stopping = any_rank(why is not None, device)  # the same step on every rank, whichever saw the reason
             if (cfg.save_every and step % cfg.save_every == 0) or last_step or stopping:
@@ -325,6 +328,9 @@ def train(argv: list[str] | None = None) -> int:
             if stopping and not last_step:
                 print0(f"stopped by {why or 'another rank'} after step {step}: {resume_hint(cfg.out_dir, saved_step)}")
                 return stop.exit_status()
+    except (CheckpointError, WriteError) as e:  # a save or a record failed: the last good checkpoint is intact
+        e.args = (f"{e}; {resume_hint(cfg.out_dir, saved_step)}",)
+        raise
     finally:
         stop.restore()
         if metrics:
@@ -348,15 +354,19 @@ def train(argv: list[str] | None = None) -> int:
     return 0
 
 
+@record  # under torchrun, a bug's traceback becomes the job's reported root cause
 def main(argv: list[str] | None = None) -> int:
     """Run train(); a problem with the input ends in one line on stderr and exit status 1, under torchrun on the rank
-    that found it and, for its peers, whose collectives then fail, a line that says so."""
+    that found it (also the root cause torchrun reports) and, for its peers, whose collectives then fail, a line that
+    says so."""
     try:
         status = train(argv)
     except USER_ERRORS as e:  # anything else is a bug and keeps its traceback
         if is_distributed():
             # The other ranks wait in a collective that will never come: exit at once, and torchrun stops them.
-            print(f"error: [rank {torch.distributed.get_rank()}] {e}", file=sys.stderr, flush=True)
+            line = f"error: [rank {torch.distributed.get_rank()}] {e}"
+            print(line, file=sys.stderr, flush=True)
+            report_to_launcher(line)
             os._exit(1)
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from nanogpt2.errors import CheckpointError
+from nanogpt2.errors import CheckpointError, WriteError, os_error_text
 from nanogpt2.files import write_atomic
 from nanogpt2.hf import check_hf_expressible, load_hf_gpt2, save_hf_gpt2
 from nanogpt2.model import GPT, GPTConfig
@@ -90,8 +90,12 @@ def save_checkpoint(
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=out_dir / name)
-    except (dcp.CheckpointException, OSError) as err:
-        raise CheckpointError(f"cannot write sharded checkpoint {out_dir / name}: {err}".splitlines()[0]) from None
+    except OSError as err:
+        raise WriteError(out_dir / name, err) from None
+    except dcp.CheckpointException as err:  # every rank's failures, gathered: name the first one's
+        rank, failure = min(err.failures.items())
+        cause = os_error_text(failure[0] if isinstance(failure, tuple) else failure)
+        raise CheckpointError(f"cannot write sharded checkpoint {out_dir / name}: rank {rank}: {cause}") from None
     barrier()
     if is_main:
         _write_ckpt_file(out_dir, {**meta, "sharded": name})
@@ -103,10 +107,7 @@ def save_checkpoint(
 
 def _write_ckpt_file(out_dir: Path, state: dict) -> None:
     path = out_dir / TRAIN_CKPT
-    try:
-        write_atomic(path, lambda f: torch.save(state, f))
-    except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    write_atomic(path, lambda f: torch.save(state, f))  # WriteError when it fails: the previous ckpt.pt stays
     for stale in path.parent.glob(f".{TRAIN_CKPT}.tmp-*"):  # left by a process killed mid-save
         stale.unlink(missing_ok=True)
 
@@ -245,7 +246,7 @@ def export_main(argv: list[str] | None = None) -> int:
         if args.hf:
             save_hf_gpt2(model, args.hf)
             print(f"wrote {args.hf}")
-    except (CheckpointError, OSError) as err:
+    except (CheckpointError, WriteError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -11,14 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from nanogpt2.errors import WriteError
+
 
 def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], object]) -> Path:
     """Write `content` (bytes, text, or a function that writes into a binary file) to `path` atomically.
 
     The data go to a temp file beside `path`, which is fsynced, renamed over `path`, and the directory fsynced, so
-    the rename survives a power cut too. The file is created with mode 0o666 less the umask, like any other file
-    (readable by the group under the usual umask 022), not 0600 as tempfile's would be. A temp file left by a
-    process killed mid-write is `.{name}.tmp-{pid}`.
+    the rename survives a power cut too. A write that fails (a full disk, say) leaves `path` as it was, removes the
+    temp file and raises WriteError, which names the path and the errno. The file is created with mode 0o666 less the
+    umask, like any other file (readable by the group under the usual umask 022), not 0600 as tempfile's would be. A
+    temp file left by a process killed mid-write is `.{name}.tmp-{pid}`.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -32,12 +35,14 @@ def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], o
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise WriteError(path, err) from None
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
     return path

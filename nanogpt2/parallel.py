@@ -16,8 +16,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import json
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -191,6 +194,17 @@ def peer_failed(err: BaseException) -> bool:
     process group's timeout), rather than a problem of this rank's own. Gloo reports a peer's exit as a plain
     RuntimeError, hence the messages."""
     return is_distributed() and (isinstance(err, dist.DistError) or any(m in str(err) for m in PEER_GONE))
+
+
+def report_to_launcher(line: str) -> None:
+    """Make `line` the root cause torchrun reports for this rank: written, as torch.distributed.elastic's error
+    reporting writes an exception, to the error file torchrun gives each rank ($TORCHELASTIC_ERROR_FILE), with the line
+    in place of a traceback (a known error is one line, not a bug to debug). Nothing outside torchrun."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps(record))
 
 
 def print0(*args, **kwargs) -> None:

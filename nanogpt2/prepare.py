@@ -30,6 +30,7 @@ from types import ModuleType
 import numpy as np
 
 from nanogpt2.data import Corpus, DataError, SyntheticStream, read_shard, shard_corpus, write_shard
+from nanogpt2.errors import WriteError
 from nanogpt2.tokenizer import EOT, VOCAB_SIZE, encode
 
 SHARD_TOKENS = 100_000_000  # llm.c's FineWeb shard size
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.shard_tokens <= MAX_SHARD_TOKENS:
             raise DataError(f"--shard-tokens must be in [1, {MAX_SHARD_TOKENS:,}], got {args.shard_tokens}")
         splits = prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens)
-    except DataError as e:
+    except (DataError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for split, paths in splits.items():

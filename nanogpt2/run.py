@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from nanogpt2.checkpoint import TRAIN_CKPT
 from nanogpt2.config import TrainConfig
-from nanogpt2.errors import ConfigError
+from nanogpt2.errors import ConfigError, WriteError
 from nanogpt2.files import write_atomic
 from nanogpt2.model import GPTConfig
 from nanogpt2.parallel import is_distributed, print0
@@ -169,6 +169,15 @@ def logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def append_metrics(metrics, row: dict) -> None:
+    """One row appended to the open metrics.jsonl, flushed; WriteError when the disk refuses it."""
+    try:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+    except OSError as err:
+        raise WriteError(metrics.name, err) from None
 
 
 def open_metrics(out_dir: Path, step: int):

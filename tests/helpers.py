@@ -34,9 +34,12 @@ def run_main(main, *args: str, capfd) -> subprocess.CompletedProcess:
     stderr: each CLI keeps a few subprocess cases for its exit status and one-line stderr."""
     capfd.readouterr()
     try:
-        status = main(list(args))
+        code = main(list(args))
     except SystemExit as e:  # argparse's refusal of a flag, or --help
-        status = e.code
+        code = e.code
+    status = 0 if code is None else code if isinstance(code, int) else 1  # as `sys.exit(code)` would exit
+    if not isinstance(code, int | None):
+        print(code, file=sys.stderr)
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess([main.__module__, *args], status, out, err)
 

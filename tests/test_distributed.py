@@ -188,6 +188,9 @@ def test_bad_data_on_one_rank_stops_every_rank(tmp_path):
     assert result.returncode != 0
     assert time.perf_counter() - t0 < 60
     assert "error: [rank 1] token id 60000 >= vocab size 50257" in result.stderr
+    # torchrun's summary names that line as the rank's failure, read from the error file the rank wrote
+    failure = result.stderr.split("rank      : 1 (local_rank: 1)")[1].split("------")[0]
+    assert "traceback : error: [rank 1] token id 60000 >= vocab size 50257" in failure, result.stderr[-3000:]
 
 
 def test_a_failing_ranks_peer_stops_with_one_line(tmp_path):

@@ -23,7 +23,7 @@ import torch
 from helpers import REPO, assert_bad_input, cpu_config, llmc_shard, run_cli, run_main, snapshot, wait_for_line
 
 import train as train_script
-from nanogpt2.checkpoint import load_checkpoint, load_model
+from nanogpt2.checkpoint import export_main, load_checkpoint, load_model
 from nanogpt2.config import ConfigError, TrainConfig, auto_grad_accum, build_parser, parse_duration
 from nanogpt2.model import GPTConfig
 from nanogpt2.prepare import prepare
@@ -47,8 +47,8 @@ def run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
 def run_in_process(tmp: Path, monkeypatch, capfd, *args: str) -> subprocess.CompletedProcess:
     """`run` without the process start: train.py's main(args) through run_main, with cwd and NANOGPT2_DATA_DIR in
     `tmp`. What a run leaves set in its process is put back or kept out: malloc's settings (process-wide: not
-    changed), torch's RNG and fp32 matmul precision, and the run directory's lock (held till the process exits:
-    closed)."""
+    changed), torch's RNG and fp32 matmul precision, the signal handlers, and the run directory's lock (held till the
+    process exits: closed)."""
     monkeypatch.chdir(tmp)
     monkeypatch.setenv("NANOGPT2_DATA_DIR", str(tmp / "data-cache"))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, as `run` starts it
@@ -56,11 +56,14 @@ def run_in_process(tmp: Path, monkeypatch, capfd, *args: str) -> subprocess.Comp
     monkeypatch.setattr(train_script, "keep_freed_memory", lambda: False)
     fds = set(os.listdir("/proc/self/fd"))
     precision = torch.get_float32_matmul_precision()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         with torch.random.fork_rng():
             return run_main(train_script.main, *args, capfd=capfd)
     finally:
         torch.set_float32_matmul_precision(precision)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         for fd in set(os.listdir("/proc/self/fd")) - fds:
             with contextlib.suppress(OSError):
                 if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp.resolve())):
@@ -505,14 +508,14 @@ def test_export_refuses_to_overwrite(tmp_path, trained, flag):
     assert_bad_input(done, "exists; not overwriting it", unchanged={tmp_path / "taken": before})
 
 
-def test_export_checks_the_hf_target_before_writing_anything(tmp_path, run_here):
+def test_export_checks_the_hf_target_before_writing_anything(tmp_path, capfd, run_here):
     done = run_here(*TINY, "--data", "synthetic", "--pos-emb", "rope", "--max-steps", "1")
     assert done.returncode == 0, done.stderr
-    export = run_cli("-m", "nanogpt2.checkpoint", str(tmp_path / "out"), "--out", str(tmp_path / "m.pt"),
-                     "--hf", str(tmp_path / "hf"))  # fmt: skip
+    export = run_main(export_main, str(tmp_path / "out"), "--out", str(tmp_path / "m.pt"), "--hf", str(tmp_path / "hf"),
+                      capfd=capfd)  # fmt: skip
     assert_bad_input(export, "Hugging Face's GPT-2 cannot express pos_emb='rope'")
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "hf").exists()
-    nothing = run_cli("-m", "nanogpt2.checkpoint", str(tmp_path / "out"))
+    nothing = run_main(export_main, str(tmp_path / "out"), capfd=capfd)
     assert_bad_input(nothing, "nothing to do: give --out FILE, --hf DIR or both")
 
 
@@ -532,10 +535,10 @@ TOKENIZER_TEXTS = [
 ]
 
 
-def test_export_writes_a_hf_directory_with_gpt2_s_tokenizer(tmp_path, trained):
+def test_export_writes_a_hf_directory_with_gpt2_s_tokenizer(tmp_path, capfd, trained):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    done = run_cli("-m", "nanogpt2.checkpoint", str(trained), "--hf", str(tmp_path / "hf"))
+    done = run_main(export_main, str(trained), "--hf", str(tmp_path / "hf"), capfd=capfd)
     assert done.returncode == 0, done.stderr
     written = sorted(p.name for p in (tmp_path / "hf").iterdir())
     assert written == ["config.json", "merges.txt", "model.safetensors", "tokenizer_config.json", "vocab.json"]

@@ -123,18 +123,32 @@ def test_consolidated_export_of_a_sharded_checkpoint(runs, tmp_path):
     assert max_weight_diff(tmp_path / "model.pt", runs["adamw-fsdp"]) == 0.0
 
 
-@pytest.mark.parametrize(
-    "first, then",
-    [("fsdp", "plain"), ("fsdp", "fsdp"), ("fsdp", "ddp"), ("ddp", "fsdp")],
-    ids=lambda m: m,
-)
-def test_resume_across_modes_and_world_sizes(runs, tmp_path, first, then):
-    run_dir = tmp_path / "run"
-    shutil.copytree(runs[f"half-{first}"], run_dir)
-    kw = {"plain": {}, "ddp": {"ranks": 2}, "fsdp": {"ranks": 2, "fsdp": True}}[then]
-    train(run_dir, "--resume", str(run_dir), "--max-steps", "4", **kw)
-    uninterrupted, resumed = losses(runs["adamw-plain"]), losses(run_dir)
-    assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-4 for s in (3, 4))
+RESUMES = [("fsdp", "plain"), ("fsdp", "fsdp"), ("fsdp", "ddp"), ("ddp", "fsdp")]  # (first half's mode, then)
+MODES = {"plain": {}, "ddp": {"ranks": 2}, "fsdp": {"ranks": 2, "fsdp": True}}  # train()'s keywords
+
+
+@pytest.fixture(scope="module")
+def resumed(runs, tmp_path_factory):
+    """(first, then) -> (run directory, process) of the first half of `runs` in mode `first`, resumed to step 4 in
+    mode `then`; three at a time, like `runs`."""
+    root = tmp_path_factory.mktemp("resumed")
+
+    def resume(first: str, then: str):
+        run_dir = root / f"{first}-{then}"
+        shutil.copytree(runs[f"half-{first}"], run_dir)
+        return run_dir, train(run_dir, "--resume", str(run_dir), "--max-steps", "4", check=False, **MODES[then])
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {case: pool.submit(resume, *case) for case in RESUMES}
+    return {case: future.result() for case, future in futures.items()}
+
+
+@pytest.mark.parametrize("first, then", RESUMES, ids=lambda m: m)
+def test_resume_across_modes_and_world_sizes(runs, resumed, first, then):
+    run_dir, result = resumed[first, then]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    uninterrupted, split = losses(runs["adamw-plain"]), losses(run_dir)
+    assert all(abs(split[s] - uninterrupted[s]) <= 1e-4 for s in (3, 4))
     assert (run_dir / "shards").is_dir() == (then == "fsdp")  # a whole-file checkpoint leaves no stale shards
 
 
@@ -169,6 +183,27 @@ def test_ctrl_c_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert f"stopped by another rank after step {ckpt['step']}: last good checkpoint" in out, err[-3000:]
     assert ckpt["step"] >= 3 and ckpt["step"] == losses(tmp_path / "out").popitem()[0]
+
+
+def test_sigterm_to_the_torchrun_group_saves_and_stops_every_rank(tmp_path):
+    """What SLURM or Kubernetes does on preemption: SIGTERM to torchrun and its ranks (torchrun forwards it once
+    more). Every rank ends its step, the checkpoint is saved, rank 0 says where to resume, no traceback of ours."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py")]
+    cmd += [*TINY, "--out-dir", str(tmp_path / "out"), "--max-steps", "100000", "--save-every", "0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        if wait_for_line(proc, "step 3/", timeout=120):
+            os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    step = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"]
+    assert f"stopped by SIGTERM after step {step}: last good checkpoint: step {step}" in out, err[-3000:]
+    assert step >= 3 and step == losses(tmp_path / "out").popitem()[0]
+    assert proc.returncode != 0 and f'File "{REPO}' not in err, err[-3000:]
 
 
 def bad_data_on_rank_1(tmp_path: Path) -> list[str]:

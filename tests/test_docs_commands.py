@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -111,13 +112,29 @@ def finished_run(tmp_path_factory, data_cache) -> Path:
     return cwd / "out"
 
 
+@pytest.fixture(scope="module")
+def command_runs(request, tmp_path_factory, data_cache, finished_run) -> dict[str, subprocess.CompletedProcess]:
+    """The documented commands this session runs, each once in a fresh directory, two at a time (much of each is
+    process start-up, on one core). `finished_run` comes first: it also fills the data cache they share, so none of
+    them tokenizes the default corpus while another does."""
+    commands = [
+        item.callspec.params["command"]
+        for item in request.session.items
+        if item.module is request.module and item.originalname == "test_documented_command_runs"
+    ]
+    cwds = {command: tmp_path_factory.mktemp("command") for command in commands}
+    for command, cwd in cwds.items():
+        if re.search(r"--(resume|ckpt) out\b", command):
+            shutil.copytree(finished_run, cwd / "out")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = pool.map(lambda command: run(argv_for(command), cwds[command], data_cache), commands)
+        return dict(zip(commands, done, strict=True))
+
+
 @pytest.mark.parametrize("command", runnable(DOC_COMMANDS))
-def test_documented_command_runs(command, tmp_path, data_cache, request):
-    argv = argv_for(command)
-    if re.search(r"--(resume|ckpt) out\b", command):
-        shutil.copytree(request.getfixturevalue("finished_run"), tmp_path / "out")
-    done = run(argv, tmp_path, data_cache)
-    assert done.returncode == 0, f"{shlex.join(argv)} failed:\n{done.stderr[-3000:]}"
+def test_documented_command_runs(command, command_runs):
+    done = command_runs[command]
+    assert done.returncode == 0, f"{shlex.join(done.args)} failed:\n{done.stderr[-3000:]}"
 
 
 def readme_python_blocks() -> list[str]:

@@ -25,15 +25,17 @@ def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], o
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    f = None
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as raw:
+            f = _FailureRecordingFile(raw)
             if callable(content):
                 content(f)
             else:
                 f.write(content.encode() if isinstance(content, str) else content)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -42,7 +44,33 @@ def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], o
             os.close(dir_fd)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise WriteError(path, err) from None
+        # A writer may turn the OSError of a full disk into its own error (torch.save raises a RuntimeError).
+        failure = err if isinstance(err, OSError) else f.failure if f is not None else None
+        if failure is not None:
+            raise WriteError(path, failure) from None
         raise
     return path
+
+
+class _FailureRecordingFile:
+    """A binary file that remembers the OSError its write or flush raised, whatever the caller makes of it."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.failure = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.failure = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as err:
+            self.failure = err
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)

@@ -7,6 +7,7 @@ a given text raise OSError(ENOSPC), whoever opens it (write_atomic, torch.save, 
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,31 @@ def test_a_failed_shard_write_keeps_the_last_sharded_checkpoint(tmp_path):
     resumed = train(tmp_path, "--fsdp", "--resume", "out", ranks=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 60 MB tmpfs: room for one pico checkpoint (40 MB), not for the temp file of the next beside it."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount)], capture_output=True, timeout=30
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def test_a_real_full_disk_keeps_the_last_checkpoint(tmp_path, small_filesystem, uninterrupted):
+    out = small_filesystem / "out"
+    done = train(tmp_path, "--out-dir", str(out))
+    assert_bad_input(done, f"cannot write {out}/ckpt.pt: ENOSPC (No space left on device); last good checkpoint: "
+                           f"step 2 in {out}; continue with --resume {out}")  # fmt: skip
+    assert not list(out.glob(".*.tmp-*")), "a temp file was left behind"
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)  # resumed where there is room
+    resumed = train(tmp_path, "--resume", str(moved))
+    assert resumed.returncode == 0, resumed.stderr
+    final, reference = (torch.load(d / "ckpt.pt", weights_only=True) for d in (moved, uninterrupted))
+    assert final["step"] == 6 and all(torch.equal(final["model"][k], reference["model"][k]) for k in final["model"])

@@ -361,6 +361,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, run_here)
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert 1 <= ckpt["step"] < 50 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert f"step {ckpt['step'] + 1} is not finite" in done.stderr
+    hint = f"last good checkpoint: step {ckpt['step']} in out; continue with --resume out"
+    assert done.stderr.rstrip().endswith(hint)
 
 
 def test_help_documents_every_flag(run_here):

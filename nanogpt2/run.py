@@ -1,8 +1,9 @@
-"""A training run's records: its directory, run.json, metrics.jsonl, the memory log and summary.json.
+"""A training run's life outside the model: its directory, records and when it stops.
 
 What train.py writes besides the checkpoint (checkpoint.py's) lives here: the run record (config, versions, device, git
-commit), the output directory's preparation, the metrics log (trimmed on resume so every step is logged once), peak
-FLOPs for MFU, peak memory, and the run's headline numbers. Nothing here trains or changes a model.
+commit), the output directory's preparation and lock, the metrics log (trimmed on resume so every step is logged
+once), peak FLOPs for MFU, peak memory and the run's headline numbers; and the requests to stop early (a signal, the
+time limit) with the line that says where to resume. Nothing here trains or changes a model.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import time
@@ -247,3 +249,57 @@ def run_summary(
         "train_loss": loss,
         "val_loss": val_loss,
     }
+
+
+class Interrupted(BaseException):
+    """A second SIGTERM (as KeyboardInterrupt is a second Ctrl-C): stop at once, without a checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopRequest:
+    """Why a run should checkpoint and stop at the end of its current step: the first SIGINT (Ctrl-C) or SIGTERM (what
+    `timeout`, SLURM, Kubernetes and a preempted instance send), or --time-limit about to run out. A second signal
+    aborts at once, leaving the last checkpoint as it was."""
+
+    SAME_REQUEST_S = 1.0  # a signal repeated this soon is the same request: torchrun forwards the one a group got
+
+    def __init__(self, time_limit_s: float | None):
+        self.signum: int | None = None
+        self.first_at = 0.0
+        self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            if time.monotonic() - self.first_at < self.SAME_REQUEST_S:
+                return
+            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+        self.signum, self.first_at = signum, time.monotonic()
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving a checkpoint at the end of this step ({name} again to abort)", flush=True)
+
+    def reason(self, step_s: float, save_s: float) -> str | None:
+        """Why to stop now: a signal's name, or "--time-limit" when another step and a save would overrun it."""
+        if self.signum is not None:
+            return signal.Signals(self.signum).name
+        if self.deadline is not None and time.monotonic() + step_s + save_s > self.deadline:
+            return "--time-limit"
+        return None
+
+    def exit_status(self) -> int:
+        """128 + the signal's number, as a shell reports a process a signal ended; 0 for the time limit."""
+        return 128 + self.signum if self.signum is not None else 0
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def resume_hint(out_dir: Path, saved_step: int | None) -> str:
+    """Where an early stop leaves the run: the last good checkpoint's step and the command that continues it."""
+    if saved_step is None:
+        return "no checkpoint was written yet"
+    return f"last good checkpoint: step {saved_step} in {out_dir}; continue with --resume {out_dir}"

@@ -133,9 +133,10 @@ def test_gqa_backward_is_deterministic(switch, monkeypatch):
 
     # The variable is read once, at import: the module's flag is what NANOGPT2_ATTN_DETERMINISTIC=1 sets.
     monkeypatch.setattr(attention_module, "DETERMINISTIC", False)
-    first = run(deterministic=False)
-    for runs in range(2, 22):
+    first, runs = run(deterministic=False), 1
+    while runs < 21:
         out, dq, dk, dv = run(deterministic=False)
+        runs += 1
         assert torch.equal(out, first[0]) and torch.equal(dk, first[2]) and torch.equal(dv, first[3])  # no atomics
         if not torch.equal(dq, first[1]):
             break

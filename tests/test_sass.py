@@ -22,7 +22,10 @@ from nanogpt2.kernels import SUPPORTED_HEAD_DIMS, attention
 def test_choosable_configs_compile_for_hopper_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "benches.sass", "--quick", "--jobs", "2"], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "benches.sass", "--quick", "--jobs", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]

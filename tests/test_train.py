@@ -54,7 +54,7 @@ def run_in_process(tmp: Path, monkeypatch, capfd, *args: str) -> subprocess.Comp
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, as `run` starts it
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(train_script, "keep_freed_memory", lambda: False)
-    fds = set(os.listdir("/proc/self/fd"))
+    opened_before = open_files_under(tmp)
     precision = torch.get_float32_matmul_precision()
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -64,10 +64,20 @@ def run_in_process(tmp: Path, monkeypatch, capfd, *args: str) -> subprocess.Comp
         torch.set_float32_matmul_precision(precision)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-        for fd in set(os.listdir("/proc/self/fd")) - fds:
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp.resolve())):
-                    os.close(int(fd))
+        for fd, path in open_files_under(tmp).items():
+            if opened_before.get(fd) != path:
+                os.close(fd)
+
+
+def open_files_under(folder: Path) -> dict[int, str]:
+    """This process's open descriptors of paths in `folder` (itself included): descriptor -> path."""
+    root, found = str(folder.resolve()), {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor listdir used is gone
+            path = os.readlink(f"/proc/self/fd/{name}")
+            if path == root or path.startswith(root + os.sep):
+                found[int(name)] = path
+    return found
 
 
 @pytest.fixture
@@ -615,7 +625,7 @@ def test_kill_mid_save_leaves_a_loadable_checkpoint(tmp_path):
     assert marker is not None, "the run ended, or took over 2 minutes, before its third save"
     out = tmp_path / "out"
     temp = Path(marker.split(" ", 1)[1].strip())
-    assert temp == out / f".ckpt.pt.tmp-{proc.pid}" and 0 < temp.stat().st_size  # killed inside write_atomic
+    assert temp == out.resolve() / f".ckpt.pt.tmp-{proc.pid}" and 0 < temp.stat().st_size  # inside write_atomic
     assert load_checkpoint(out)["step"] == 2 and metrics(out)[-1]["step"] == 3  # step 3 was logged, not saved
     resumed = run(tmp_path, "--resume", "out", "--max-steps", "4")
     assert resumed.returncode == 0, resumed.stderr

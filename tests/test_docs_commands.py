@@ -29,7 +29,7 @@ NOT_RUN_HERE = [
     ("HOST", "multi-node needs a second machine"),
 ]
 SHORT = {
-    "train.py": ["--max-steps", "2", "--eval-every", "2", "--eval-batches", "1"],
+    "train.py": ["--max-steps", "2", "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2"],
     "nanogpt2.sample": ["--max-new-tokens", "4"],
 }
 

@@ -1,7 +1,7 @@
 """Writing files so that a crash at any moment leaves the old file or the new one, never a torn one.
 
-Owns `write_atomic` only; what goes into the files belongs to the modules that write them (checkpoint.py, data.py,
-run.py, hf.py).
+Owns `write_atomic` and where the user's cache directory is (`user_cache_home`); what goes into the files belongs to
+the modules that write them (checkpoint.py, data.py, run.py, hf.py).
 """
 
 from __future__ import annotations
@@ -59,18 +59,22 @@ class _FailureRecordingFile:
         self._f, self.failure = f, None
 
     def write(self, data) -> int:
-        try:
-            return self._f.write(data)
-        except OSError as err:
-            self.failure = err
-            raise
+        return self._recorded(self._f.write, data)
 
     def flush(self) -> None:
+        self._recorded(self._f.flush)
+
+    def _recorded(self, operation, *args):
         try:
-            self._f.flush()
+            return operation(*args)
         except OSError as err:
             self.failure = err
             raise
 
     def __getattr__(self, name: str):
         return getattr(self._f, name)
+
+
+def user_cache_home() -> Path:
+    """The user's cache directory by the XDG rule: $XDG_CACHE_HOME, else ~/.cache."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

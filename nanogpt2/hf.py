@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from nanogpt2.errors import CheckpointError
-from nanogpt2.files import write_atomic
+from nanogpt2.files import user_cache_home, write_atomic
 from nanogpt2.model import GPT, GPTConfig
 from nanogpt2.tokenizer import EOT, VOCAB_SIZE, bpe_files
 
@@ -31,7 +31,7 @@ def hf_cache_dirs() -> list[Path]:
     for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # the second is the older name
         if os.environ.get(variable):
             return [Path(os.environ[variable])]
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    cache_home = user_cache_home()
     return [Path(os.environ.get("HF_HOME") or cache_home / "huggingface") / "hub"]
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from nanogpt2.data import Corpus, DataError, SyntheticStream, read_shard, shard_corpus, write_shard
 from nanogpt2.errors import WriteError
+from nanogpt2.files import user_cache_home
 from nanogpt2.tokenizer import EOT, VOCAB_SIZE, encode
 
 SHARD_TOKENS = 100_000_000  # llm.c's FineWeb shard size
@@ -50,7 +51,7 @@ def data_root() -> Path:
     repo = Path(__file__).resolve().parent.parent
     if (repo / "train.py").is_file():
         return repo / "data"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanogpt2"
+    return user_cache_home() / "nanogpt2"
 
 
 class ShardWriter:

@@ -1,47 +1,34 @@
 """Fused linear + cross-entropy: the mean cross-entropy of `h @ W.T` without ever holding the full logits.
 
-- Rows of h are taken in chunks; a chunk's logits (chunk, vocab) go through one in-place softmax, whose value at the
-  target gives the loss (-log p), and since d(mean CE)/d(logits) = (softmax - onehot) / n, the chunk's gradients for h
-  and W are computed right there in the forward (as Liger-Kernel does), so the backward only scales them by the
-  incoming grad. One softmax pass instead of log-softmax then exp: on CPU these (chunk, vocab) passes cost as much as
-  the matmuls. Where a target's probability falls below the normal floats (a loss past ~87 nats in float32), its
-  log lost precision: those rows alone are recomputed through a log-softmax, so the loss stays exact.
+- Rows of h are taken in chunks; a chunk's logits (chunk, padded vocab) go through one in-place log-softmax (the
+  log-sum-exp form: z - max - log sum exp(z - max), which has no underflow case), whose value at the target is the
+  loss (-log p). Since d(mean CE)/d(logits) = (softmax - onehot) / n, the chunk's gradients for h and W are computed
+  right there in the forward (as Liger-Kernel does) from exp(log-softmax), so the backward only scales them by the
+  incoming grad. Nothing in it depends on the data's values on the host: no sync.
+- The matmuls run over all of W's rows (the padded vocabulary, e.g. 50,304 = 64 x 786 for GPT-2: aligned widths);
+  padding columns are set to -inf before the softmax, so they are never in it and their rows of W get an exact zero
+  gradient from the same matmul. Matmuls run in the compute dtype (autocast's), softmax, loss and grad_W
+  accumulation in float32.
 - One chunk buffer is reused for every chunk: on CPU a fresh 200 MB tensor costs as much again as its matmul in page
-  faults. Three matmuls per chunk, the same FLOPs as the unfused loss, no (rows, vocab) gradient and no zero-filling.
-- Limits: W's rows past `vocab_size` (padding) are outside the softmax and get zero gradient; targets < 0 are ignored;
-  with every target ignored the loss is NaN and the gradients are zero, as `F.cross_entropy` gives. Under autocast the
-  matmuls run in the autocast dtype while softmax, loss and gradient accumulation stay float32.
+  faults. Three matmuls per chunk, the same FLOPs as the unfused loss, no (rows, vocab) gradient, and no zero-filled
+  gradients for the op's unused outputs in the backward (`set_materialize_grads(False)`).
+- Limits: targets < 0 are ignored; with every target ignored the loss is NaN and the gradients are zero, as
+  `F.cross_entropy` gives.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 CHUNK_ROWS = 1024  # measured on a 2-core CPU (nano preset, 4096 rows): smaller chunks slow the matmuls down
 
 
-def _softmax_(x: torch.Tensor) -> torch.Tensor:
-    # In place on CPU (the kernel works row by row, so aliasing input and output is safe there); out of place
-    # elsewhere, where allocation is cheap and in-place aliasing is not promised by the kernels.
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    # In place on CPU (the kernel reads each row whole before writing it, so aliasing input and output is safe there);
+    # out of place elsewhere, where allocation is cheap and in-place aliasing is not promised by the kernels.
     if x.device.type == "cpu":
-        return torch._softmax(x, 1, False, out=x)
-    return torch.softmax(x, dim=1)
-
-
-def _fix_underflow_(
-    logp: torch.Tensor, h: torch.Tensor, Wv: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, chunk_rows: int
-):
-    """Recompute, through a log-softmax of their logits h @ Wv.T (h and Wv in the compute dtype), the valid rows of
-    logp (N,) = log(softmax at the target) whose probability was below the normal floats, where its log lost precision
-    (or is -inf)."""
-    underflow = (logp < math.log(torch.finfo(logp.dtype).tiny)) & valid
-    rows = underflow.nonzero().squeeze(1)  # one host sync per call on GPUs
-    for start in range(0, len(rows), chunk_rows):
-        r = rows[start : start + chunk_rows]
-        z = (h[r] @ Wv.t()).to(logp.dtype)  # (n, V)
-        logp[r] = torch.log_softmax(z, dim=1).gather(1, targets[r, None]).squeeze(1)
+        return torch._log_softmax(x, 1, False, out=x)
+    return torch.log_softmax(x, dim=1)
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -72,38 +59,36 @@ def _linear_cross_entropy_op(
     weight = valid.to(acc_dtype) / n.clamp(min=1)  # (N,) each row's share of the mean; 0 for ignored rows
     safe_targets = targets.clamp(min=0)
     rows = torch.arange(min(chunk_rows, N), device=h.device)
-    Wv = W[:vocab_size].to(compute_dtype)  # (V, C) the real vocab rows; a no-op without autocast
+    Wc = W.to(compute_dtype)  # (Vp, C) every row, padding included; a no-op without autocast
     hc = h.to(compute_dtype)  # (N, C)
     # h of the valid rows, unweighted: 1/n is applied once below in acc_dtype, since in fp16 it would flush small
     # products to zero before any loss scaling could save them.
     hv = (h * valid[:, None]).to(compute_dtype) if with_grad else None  # (N, C)
-    logits = torch.empty(len(rows), vocab_size, dtype=compute_dtype, device=h.device)  # reused by every chunk
+    logits = torch.empty(len(rows), W.shape[0], dtype=compute_dtype, device=h.device)  # reused by every chunk
     logits_acc = logits if acc_dtype == compute_dtype else torch.empty_like(logits, dtype=acc_dtype)
     logp = torch.empty(N, dtype=acc_dtype, device=h.device)  # (N,) log-probability of each row's target
     grad_h = torch.empty_like(h, memory_format=torch.contiguous_format) if with_grad else h.new_empty(0)
     grad_W = torch.empty(W.shape, dtype=acc_dtype, device=W.device) if with_grad else W.new_empty(0)
-    if with_grad:
-        grad_W[vocab_size:].zero_()  # padding rows: outside the softmax, no gradient
     for start in range(0, N, chunk_rows):
         end = min(start + chunk_rows, N)
         r, t, w = rows[: end - start], safe_targets[start:end], weight[start:end]
-        z = torch.mm(hc[start:end], Wv.t(), out=logits[: end - start])  # (n, V)
+        z = torch.mm(hc[start:end], Wc.t(), out=logits[: end - start])  # (n, Vp)
         if logits_acc is not logits:
             z = logits_acc[: end - start].copy_(z)
-        p = _softmax_(z)  # (n, V) in acc_dtype
-        p_t = p[r, t]  # (n,) each row's probability of its target
-        torch.log(p_t, out=logp[start:end])
+        z[:, vocab_size:] = -torch.inf  # padding: exp(-inf) = 0, outside the softmax
+        lp = _log_softmax_(z)  # (n, Vp) in acc_dtype
+        logp[start:end] = lp[r, t]
         if not with_grad:
             continue
-        p[r, t] = p_t - 1.0  # softmax - onehot; 1/n and the ignored rows are folded into the small factors below
+        p = lp.exp_()  # softmax
+        p[r, t] -= 1.0  # softmax - onehot; 1/n and the ignored rows are folded into the small factors below
         if p.dtype != compute_dtype:
             p = logits[: end - start].copy_(p)
-        torch.mul(p @ Wv, w[:, None], out=grad_h[start:end])  # the row weights applied in acc_dtype, rounded once
-        _mm_into(grad_W[:vocab_size], p.t(), hv[start:end], accumulate=start > 0)
+        torch.mul(p @ Wc, w[:, None], out=grad_h[start:end])  # the row weights applied in acc_dtype, rounded once
+        _mm_into(grad_W, p.t(), hv[start:end], accumulate=start > 0)
     if with_grad:
-        grad_W[:vocab_size] /= n.clamp(min=1)
-    _fix_underflow_(logp, hc, Wv, safe_targets, valid, chunk_rows)
-    loss = -torch.where(valid, logp * weight, 0.0).sum()  # an ignored row's logp may be -inf
+        grad_W /= n.clamp(min=1)
+    loss = -(logp * weight).sum()
     loss = torch.where(n > 0, loss, torch.nan)  # every target ignored: NaN, as F.cross_entropy gives
     return loss, grad_h, grad_W.to(W.dtype)
 
@@ -116,6 +101,7 @@ def _(h, W, targets, vocab_size, chunk_rows, compute_dtype, with_grad):
 
 def _setup_context(ctx, inputs, output):
     ctx.with_grad = inputs[-1]
+    ctx.set_materialize_grads(False)  # grad_h and grad_W are outputs nobody differentiates: no zero-filled grads
     ctx.save_for_backward(output[1], output[2])
 
 
@@ -142,8 +128,9 @@ def linear_cross_entropy(
     vocab_size: the columns in the softmax (default: all of W's rows); chunk_rows: default CHUNK_ROWS. Returns a float32
     scalar (float64 for float64 inputs), equal to
     `F.cross_entropy((h @ W.T)[:, :vocab_size].float(), targets, ignore_index=-1)` to float32 rounding, and
-    differentiable with respect to h and W (gradients in their dtypes). Peak extra memory is one (chunk_rows, vocab)
-    buffer (two under autocast) plus W-sized gradient, instead of several (N, vocab) tensors.
+    differentiable with respect to h and W (gradients in their dtypes; W's padding rows get zero). Peak extra memory is
+    one (chunk_rows, V_padded) buffer (two under autocast) plus a W-sized gradient, instead of several (N, vocab)
+    tensors.
     """
     vocab_size = W.shape[0] if vocab_size is None else vocab_size
     chunk_rows = CHUNK_ROWS if chunk_rows is None else chunk_rows

@@ -64,8 +64,8 @@ def test_every_target_ignored_gives_nan_loss_and_zero_grads():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_underflowing_target_probabilities(dtype):
-    """Logits so spread that most targets' softmax underflows (losses of hundreds of nats): the log-softmax fallback
-    keeps loss and gradients as exact as the unfused path's, where the log of the softmax would be -inf."""
+    """Logits so spread that most targets' softmax underflows (losses of hundreds of nats): the log-sum-exp form keeps
+    loss and gradients as exact as the unfused path's, where the log of the softmax would be -inf."""
     N, V, Vp, chunk = 37, 53, 64, 16
     h, W, y = inputs(N, V, Vp, dtype=dtype)
     h = (h.detach() * 60).requires_grad_()

@@ -7,6 +7,7 @@ a @triton.jit function runs compiled or in its CPU interpreter: set TRITON_INTER
 """
 
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -57,12 +58,12 @@ def check_unit_last_stride(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} must have a unit last stride, got strides {t.stride()}")
 
 
-def tma_compatible(*tensors: torch.Tensor) -> bool:
-    """Whether TMA tensor descriptors can address these (..., D) tensors: a 16-byte aligned start, every stride but
-    the unit last one a multiple of 16 bytes (true of the model's fused-qkv views at any even head count x D >= 8)."""
-    return all(
-        t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-        for t in tensors
+def tma_compatible(tensors: Sequence[torch.Tensor], aligned: Sequence[bool]) -> bool:
+    """Whether TMA tensor descriptors can address these (..., D) tensors, given whether each starts 16-byte aligned:
+    every stride but the unit last one a multiple of 16 bytes (true of the model's fused-qkv views at any even head
+    count x D >= 8)."""
+    return all(aligned) and all(
+        t.stride(-1) == 1 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors
     )
 
 

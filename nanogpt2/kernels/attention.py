@@ -17,148 +17,17 @@ raw scores, the atomic/deterministic dQ choice, bf16 upcast and rounding switche
 """
 
 import math
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from nanogpt2.kernels import _utils
+from nanogpt2.kernels import _utils, launcher, tuning
 from nanogpt2.kernels._utils import maybe_upcast, store_cast
+from nanogpt2.kernels.rope import check_rope_inputs, rotate
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = math.log2(math.e)
-
-
-ALL_PATHS = ("tma", "tma+atomic", "ptr", "ptr+atomic")  # loads through TMA or pointers; dQ by atomics or not
-TMA_PATHS = ("tma", "tma+atomic")
-
-
-class Tile(NamedTuple):
-    """One GPU autotune config: tile sizes, warps, pipeline stages, and the code paths on which it spills no
-    register (`python -m benches.sass` compiles them all for sm_90; tests/test_sass.py checks the TMA ones)."""
-
-    block_m: int
-    block_n: int
-    warps: int
-    stages: int
-    paths: tuple[str, ...] = ALL_PATHS
-
-    def config(self) -> triton.Config:
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, self.warps, self.stages)
-
-
-# GPU configs for fp16/bf16 per kernel and (head-dim class: 64 for D <= 64, else 128; G > 1), best guess first
-# (NANOGPT2_AUTOTUNE=0 keeps the first). Every (tile, path) listed compiles without spills for sm_90 (benches.sass
-# checks it); the dK/dV kernel's loop over a GQA group costs registers, so GQA has its own list, and at D=128 only its
-# deterministic TMA path fits (the other paths fall back to it, see `_resolve_path`).
-_FWD = {
-    64: [Tile(128, 64, 4, 3), Tile(128, 128, 8, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(128, 128, 8, 2)],
-    128: [Tile(128, 64, 8, 3), Tile(128, 128, 8, 3, TMA_PATHS), Tile(64, 64, 4, 3), Tile(128, 128, 8, 2, TMA_PATHS)],
-}
-_DQ = {
-    64: [Tile(128, 64, 8, 3), Tile(128, 32, 4, 3), Tile(64, 64, 4, 3), Tile(64, 64, 4, 5)],
-    128: [Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(64, 64, 4, 5)],
-}
-TILES = {
-    "fwd": {(d, gqa): tiles for d, tiles in _FWD.items() for gqa in (False, True)},
-    "dq": {(d, gqa): tiles for d, tiles in _DQ.items() for gqa in (False, True)},
-    "dkdv": {
-        (64, False): [
-            Tile(64, 128, 8, 3), Tile(32, 128, 8, 3), Tile(64, 64, 4, 3, ("tma", "tma+atomic", "ptr")),
-            Tile(32, 64, 4, 4), Tile(64, 128, 8, 5),
-        ],
-        (64, True): [
-            Tile(64, 128, 8, 3, TMA_PATHS), Tile(32, 64, 8, 3), Tile(32, 128, 8, 3), Tile(16, 64, 4, 3),
-            Tile(64, 128, 8, 5, TMA_PATHS),
-        ],
-        (128, False): [
-            Tile(32, 64, 8, 3), Tile(32, 128, 8, 3), Tile(16, 64, 4, 3),
-            Tile(32, 64, 4, 4, ("tma", "tma+atomic", "ptr")), Tile(64, 64, 8, 3, ("tma", "ptr")),
-        ],
-        (128, True): [Tile(32, 64, 8, 3, ("tma",)), Tile(16, 64, 4, 3, ("tma",))],
-    },
-}  # fmt: skip
-# fp32 (IEEE dots on FMA units: a correctness path, not a fast one; large tiles overflow shared memory) and the
-# interpreter: one small config; BLOCK_M != BLOCK_N, so the tile bounds are also tested off the diagonal.
-SMALL_TILES = {"fwd": Tile(64, 32, 4, 2), "dkdv": Tile(32, 64, 4, 2), "dq": Tile(64, 32, 4, 2)}
-# Kernel name -> config for every launch (benches and gpu_check correctness runs); see `forced_configs`.
-_FORCED: dict[str, triton.Config] = {}
-
-
-def path_name(tma: bool, atomic: bool) -> str:
-    return ("tma" if tma else "ptr") + ("+atomic" if atomic else "")
-
-
-def allowed_tiles(kernel: str, head_dim: int, group: int, tma: bool, atomic: bool) -> list[Tile]:
-    """The spill-free GPU configs of `kernel` ("fwd", "dkdv", "dq") for fp16/bf16 at this head dim, group and path."""
-    tiles = TILES[kernel][(64 if head_dim <= 64 else 128, group > 1)]
-    return [t for t in tiles if path_name(tma, atomic and kernel == "dkdv") in t.paths]
-
-
-def candidate_tiles(kernel: str, head_dim: int, group: int, dtype: torch.dtype, tma: bool, atomic: bool) -> list[Tile]:
-    """The configs the autotuner may choose: `allowed_tiles`, only the first with NANOGPT2_AUTOTUNE=0, the small
-    config for fp32 and in the interpreter."""
-    if dtype == torch.float32 or _utils.INTERPRET:
-        return [SMALL_TILES[kernel]]
-    tiles = allowed_tiles(kernel, head_dim, group, tma, atomic)
-    return tiles[:1] if os.environ.get("NANOGPT2_AUTOTUNE", "1") == "0" else tiles
-
-
-def _resolve_path(head_dim: int, group: int, tma: bool, atomic: bool) -> tuple[bool, bool]:
-    """The backward's (tma, atomic) path: the one asked for if its dK/dV kernel has a spill-free config here, else
-    the same dQ path on TMA, else the deterministic TMA path (which always has one)."""
-    for t, a in ((tma, atomic), (True, atomic), (True, False)):
-        if allowed_tiles("dkdv", head_dim, group, t, a):
-            return t, a
-    raise AssertionError(f"no dK/dV config for head dim {head_dim}, group {group}")
-
-
-def _autotune(kernel: str):
-    """triton.autotune over every Tile of `kernel`, pruned per launch by `candidate_tiles`; keyed on the problem
-    (T, window, group, head dim, causality, a power-of-2 bucket of B * H) and the code path (TMA, atomic dQ)."""
-    all_tiles = [*{t: None for tiles in TILES[kernel].values() for t in tiles}, SMALL_TILES[kernel]]
-    by_tile = {t: t.config() for t in all_tiles}
-
-    def prune(_configs: list, named_args: dict, **kwargs) -> list[triton.Config]:
-        tiles = candidate_tiles(
-            kernel, kwargs["HEAD_DIM"], named_args["G"], named_args["Q"].dtype, kwargs["USE_TMA"], kwargs["ATOMIC_DQ"]
-        )
-        return [by_tile[t] for t in tiles]
-
-    key = ["T", "WINDOW", "G", "HEAD_DIM", "IS_CAUSAL", "BH_BUCKET", "USE_TMA", "ATOMIC_DQ"]
-    configs = list(by_tile.values())
-    if _utils.INTERPRET:  # the interpreter cannot autotune between configs
-        configs = [by_tile[SMALL_TILES[kernel]]]
-    # Timing configs runs the kernel many times: the dK/dV kernel's fp32 atomic dQ accumulator must start each of
-    # those runs, and the real one after them, from zero (its preprocess kernel zeroes it only once).
-    reset = ["DQ_ACC"] if kernel == "dkdv" else None
-    return triton.autotune(
-        configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, reset_to_zero=reset
-    )
-
-
-@contextmanager
-def forced_configs(**configs: triton.Config) -> Iterator[None]:
-    """Run every launch of the named kernels (fwd=, dkdv=, dq=) with the given config instead of autotuning: for
-    checking each config's correctness on a GPU and timing candidates."""
-    _FORCED.update(configs)
-    try:
-        yield
-    finally:
-        for name in configs:
-            _FORCED.pop(name, None)
-
-
-def _launch(name: str, kernel, grid, *args, **kwargs) -> None:
-    forced = _FORCED.get(name)
-    if forced is None:
-        kernel[grid](*args, **kwargs)
-    else:
-        kernel.fn[grid](*args, **kwargs, **forced.all_kwargs())
 
 
 @triton.jit
@@ -201,6 +70,21 @@ def _store_rows(dst, start, T, stride_t, x, BLOCK: tl.constexpr, HEAD_DIM: tl.co
         rows = tl.arange(0, BLOCK)
         ptrs = dst + tl.cast(start, tl.int64) * stride_t + rows[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
         tl.store(ptrs, x, mask=(start + rows < T)[:, None])
+
+
+@triton.jit
+def _unrotate(x, COS, SIN, start, T, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # The gradient of rows [start, start + BLOCK) before RoPE from x (BLOCK, HEAD_DIM) fp32, the gradient after it:
+    # the rotation by the opposite angle, (x1 cos + x2 sin, x2 cos - x1 sin) with x1, x2 the halves of each row and
+    # COS, SIN (T, HEAD_DIM / 2) fp32, contiguous.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    rows = start + tl.arange(0, BLOCK)
+    offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    cos = tl.load(COS + offs, mask=(rows < T)[:, None], other=0.0)
+    sin = tl.load(SIN + offs, mask=(rows < T)[:, None], other=0.0)
+    x1, x2 = tl.split(tl.permute(tl.reshape(x, (BLOCK, 2, HALF)), (0, 2, 1)))  # (BLOCK, HALF) each
+    y = tl.join(x1 * cos + x2 * sin, x2 * cos - x1 * sin)  # (BLOCK, HALF, 2)
+    return tl.reshape(tl.permute(y, (0, 2, 1)), (BLOCK, HEAD_DIM))
 
 
 @triton.jit
@@ -282,18 +166,16 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@_autotune("fwd")
-@triton.jit(do_not_specialize=["BH_BUCKET"])
+@triton.jit
 def _attn_fwd(
     Q, K, V, OUT, LSE, T, H, G, WINDOW, qk_scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, BH_BUCKET,
-    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+    ROUND_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Q, OUT: (B, T, H, D); K, V: (B, T, H / G, D); unit last strides; LSE: (B, H, T) fp32, base-2 log-sum-exp of the
-    # scaled scores. BH_BUCKET only keys the autotuner; ATOMIC_DQ is unused here (one key for all kernels).
+    # scaled scores.
     # Program (query tile, b * H + h); the last query tiles (the longest causal rows) are launched first.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     off_bh = tl.program_id(1).to(tl.int64)
@@ -393,19 +275,18 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@_autotune("dkdv")
-@triton.jit(do_not_specialize=["BH_BUCKET"])
+@triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, T, H, G, WINDOW, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, COS, SIN, T, H, G, WINDOW, qk_scale, sm_scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-    BH_BUCKET,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Q, DO: (B, T, H, D); K, V, DK, DV: (B, T, Hkv, D); unit last strides; LSE, DELTA: (B, H, T) fp32; DQ_ACC:
-    # (B, H, T, D) fp32, contiguous, zeroed (used only with ATOMIC_DQ).
+    # (B, H, T, D) fp32, contiguous, zeroed (used only with ATOMIC_DQ). With ROPE, Q and K are rotated by the angles
+    # whose COS, SIN are (T, D/2) fp32 (contiguous), and DK is the gradient of the unrotated keys.
     # Program (key tile, b * Hkv + kv head): loops over the G query heads of the group, so dK/dV sum in registers.
     Hkv = H // G
     start_n = tl.program_id(0) * BLOCK_N
@@ -443,7 +324,10 @@ def _attn_bwd_dkdv(
 
     dk_dst = _rows(DK + off_b * stride_dkb + off_hk * stride_dkh, T, stride_dkt, BLOCK_N, HEAD_DIM, USE_TMA)
     dv_dst = _rows(DV + off_b * stride_dvb + off_hk * stride_dvh, T, stride_dvt, BLOCK_N, HEAD_DIM, USE_TMA)
-    _store_rows(dk_dst, start_n, T, stride_dkt, store_cast(dk * sm_scale, DK, ROUND_BF16), BLOCK_N, HEAD_DIM, USE_TMA)
+    dk = dk * sm_scale
+    if ROPE:
+        dk = _unrotate(dk, COS, SIN, start_n, T, BLOCK_N, HEAD_DIM)
+    _store_rows(dk_dst, start_n, T, stride_dkt, store_cast(dk, DK, ROUND_BF16), BLOCK_N, HEAD_DIM, USE_TMA)
     _store_rows(dv_dst, start_n, T, stride_dvt, store_cast(dv, DV, ROUND_BF16), BLOCK_N, HEAD_DIM, USE_TMA)
 
 
@@ -468,18 +352,18 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@_autotune("dq")
-@triton.jit(do_not_specialize=["BH_BUCKET"])
+@triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, T, H, G, WINDOW, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, T, H, G, WINDOW, qk_scale, sm_scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh, BH_BUCKET,
-    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, ROPE: tl.constexpr,
     UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Q, DO, DQ: (B, T, H, D); K, V: (B, T, H / G, D); unit last strides; LSE, DELTA: (B, H, T) fp32.
-    # The deterministic path's dQ. Program (query tile, b * H + h), the same key-tile bounds as the forward.
+    # The deterministic path's dQ (of the unrotated queries with ROPE, as in the dK/dV kernel). Program (query tile,
+    # b * H + h), the same key-tile bounds as the forward.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     off_bh = tl.program_id(1).to(tl.int64)
     off_b = off_bh // H
@@ -511,36 +395,39 @@ def _attn_bwd_dq(
     )  # fmt: skip
 
     dq_dst = _rows(DQ + off_b * stride_dqb + off_h * stride_dqh, T, stride_dqt, BLOCK_M, HEAD_DIM, USE_TMA)
-    _store_rows(dq_dst, start_m, T, stride_dqt, store_cast(dq * sm_scale, DQ, ROUND_BF16), BLOCK_M, HEAD_DIM, USE_TMA)
+    dq = dq * sm_scale
+    if ROPE:
+        dq = _unrotate(dq, COS, SIN, start_m, T, BLOCK_M, HEAD_DIM)
+    _store_rows(dq_dst, start_m, T, stride_dqt, store_cast(dq, DQ, ROUND_BF16), BLOCK_M, HEAD_DIM, USE_TMA)
 
 
 @triton.jit
 def _attn_bwd_dq_convert(
-    DQ_ACC, DQ, T, H, sm_scale, stride_dqb, stride_dqt, stride_dqh,
-    HEAD_DIM: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+    DQ_ACC, DQ, COS, SIN, T, H, sm_scale, stride_dqb, stride_dqt, stride_dqh,
+    HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    # DQ = sm_scale * DQ_ACC in DQ's dtype: DQ_ACC (B, H, T, D) fp32 contiguous, DQ (B, T, H, D) with unit last
-    # stride. Program (query tile, b * H + h).
+    # DQ = sm_scale * DQ_ACC in DQ's dtype (rotated back by -angle with ROPE): DQ_ACC (B, H, T, D) fp32 contiguous,
+    # DQ (B, T, H, D) with unit last stride, COS/SIN as in the dK/dV kernel. Program (query tile, b * H + h).
     off_bh = tl.program_id(1).to(tl.int64)
     start_m = tl.program_id(0) * BLOCK_M
     dq = _load_rows(DQ_ACC + off_bh * T * HEAD_DIM, start_m, T, HEAD_DIM, BLOCK_M, HEAD_DIM, True, False, False)
+    dq = dq * sm_scale
+    if ROPE:
+        dq = _unrotate(dq, COS, SIN, start_m, T, BLOCK_M, HEAD_DIM)
     dq_dst = DQ + (off_bh // H) * stride_dqb + (off_bh % H) * stride_dqh
-    _store_rows(dq_dst, start_m, T, stride_dqt, store_cast(dq * sm_scale, DQ, ROUND_BF16), BLOCK_M, HEAD_DIM, False)
+    _store_rows(dq_dst, start_m, T, stride_dqt, store_cast(dq, DQ, ROUND_BF16), BLOCK_M, HEAD_DIM, False)
 
 
-def _flags(q: torch.Tensor, B: int, H: int, use_tma: bool, atomic_dq: bool) -> dict:
-    """Keyword arguments every autotuned kernel takes: the autotune bucket, the code path and the dtype switches."""
-    if use_tma:
-        _utils.set_tma_allocator()
-    return {
-        "BH_BUCKET": triton.next_power_of_2(B * H),
-        "HEAD_DIM": q.shape[-1],
-        "USE_TMA": use_tma,
-        "ATOMIC_DQ": atomic_dq,
+# The kernels' dtype switches: bf16 upcast and rounding in the interpreter, IEEE fp32 dots (not tf32) for fp32.
+_DTYPE_FLAGS = {
+    dtype: {
         "UPCAST": _utils.INTERPRET,
-        "ROUND_BF16": _utils.INTERPRET and q.dtype == torch.bfloat16,
-        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "ROUND_BF16": _utils.INTERPRET and dtype == torch.bfloat16,
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }
+    for dtype in _utils.DTYPES
+}
+_ROWS = launcher.Fixed(BLOCK_M=64 if _utils.INTERPRET else 128, num_warps=4)  # preprocess and dQ conversion
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:
@@ -548,118 +435,263 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
 
+def _small_window(causal: bool, window: int, T: int) -> int | None:
+    """The window that shapes the tiles (see tuning.candidate_tiles), None when every causal row sees all keys."""
+    return window if causal and window < T else None
+
+
 def _forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int, scale: float, tma: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int, scale: float, tma: bool,
+    traced: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """o (B, T, H, D) and the base-2 log-sum-exp lse (B, H, T) fp32 of checked inputs; `window` in 1..T."""
     B, T, H, D = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _launch(
-        "fwd", _attn_fwd, grid, q, k, v, o, lse, T, H, H // k.shape[2], window,
-        scale * _LOG2E, *_strides(q, k, v, o), IS_CAUSAL=causal,
-        **_flags(q, B, H, tma and _utils.tma_compatible(q, k, v, o), False),
+    G = H // k.shape[2]
+    starts = launcher.aligned((q, k, v), traced)
+    use_tma = tma and _utils.tma_compatible((q, k, v, o), starts)
+    if use_tma:
+        _utils.set_tma_allocator()
+    key = ("fwd", q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), causal, window, use_tma,
+           starts)  # fmt: skip
+    launcher.launch(
+        _attn_fwd, key, lambda tile: (triton.cdiv(T, tile.block_m), B * H),
+        (q, k, v, o, lse, T, H, G, window, scale * _LOG2E, *_strides(q, k, v, o)),
+        {"HEAD_DIM": D, "IS_CAUSAL": causal, "USE_TMA": use_tma, **_DTYPE_FLAGS[q.dtype]},
+        lambda: tuning.candidate_tiles("fwd", D, G, q.dtype, use_tma, False, _small_window(causal, window, T)),
+        traced=traced,
     )  # fmt: skip
     return o, lse
 
 
 def _backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    causal: bool, window: int, scale: float, tma: bool, deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    rope: tuple[torch.Tensor, torch.Tensor] | None, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+    causal: bool, window: int, scale: float, tma: bool, deterministic: bool, traced: bool = False,
+) -> None:  # fmt: skip
+    """Write the gradients of q, k, v into dq, dk, dv (fresh tensors, or views of one packed buffer: both are
+    TMA-addressable). With `rope` = (cos, sin), q and k are rotated and dq, dk come out for the unrotated ones."""
     B, T, H, D = q.shape
-    Hkv = k.shape[2]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    G = H // k.shape[2]
     if dq.numel() == 0:
-        return dq, dk, dv
+        return
     if do.stride(-1) != 1:
         do = do.contiguous()
     atomic = not deterministic
-    G = H // Hkv
-    addressable = _utils.tma_compatible(q, k, v, do, dq, dk, dv)
-    use_tma = tma and addressable
-    if not _utils.INTERPRET and q.dtype != torch.float32:  # 16-bit on a GPU: only spill-free configs
-        use_tma, atomic = _resolve_path(D, G, use_tma, atomic)
-        if use_tma and not addressable:  # the only spill-free path here loads through TMA: give it aligned copies
+    starts = launcher.aligned((q, k, v, do), traced)
+    use_tma = tma and _utils.tma_compatible((q, k, v, do), starts)
+    if not _utils.INTERPRET and q.dtype != torch.float32:  # 16-bit on a GPU: only the listed configs
+        use_tma, atomic = tuning.resolve_path(D, G, use_tma, atomic)
+        if use_tma and not _utils.tma_compatible((q, k, v, do), starts):  # its only path loads through TMA
             q, k, v, do = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v, do))
-    flags = _flags(q, B, H, use_tma, atomic)
+    if use_tma:
+        _utils.set_tma_allocator()
+    cos, sin = rope if rope is not None else (lse, lse)  # unread without ROPE
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     # The atomic path's fp32 dQ, zeroed by the preprocess kernel (a dummy pointer on the deterministic path).
     dq_acc = torch.empty((B, H, T, D) if atomic else (1,), dtype=torch.float32, device=q.device)
-    block_m = 64 if _utils.INTERPRET else 128
-    rows_grid = (triton.cdiv(T, block_m), B * H)
-    _attn_bwd_preprocess[rows_grid](
-        o, do, delta, dq_acc, T, H, *_strides(o, do), HEAD_DIM=D, ZERO_DQ=atomic, BLOCK_M=block_m
-    )
-    dkdv_grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-    _launch(
-        "dkdv", _attn_bwd_dkdv, dkdv_grid, q, k, v, do, lse, delta, dk, dv, dq_acc, T, H, G, window,
-        scale * _LOG2E, scale, *_strides(q, k, v, do, dk, dv), IS_CAUSAL=causal, **flags,
+    key = (q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
+           dq.stride(), causal, window, use_tma, atomic, rope is not None, starts)  # fmt: skip
+    rows_grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    launcher.launch(
+        _attn_bwd_preprocess, ("pre", key), rows_grid, (o, do, delta, dq_acc, T, H, *_strides(o, do)),
+        {"HEAD_DIM": D, "ZERO_DQ": atomic}, lambda: [_ROWS], traced=traced,
+    )  # fmt: skip
+    flags = {"HEAD_DIM": D, "IS_CAUSAL": causal, "USE_TMA": use_tma, "ROPE": rope is not None, **_DTYPE_FLAGS[q.dtype]}
+    small_window = _small_window(causal, window, T)
+    launcher.launch(
+        _attn_bwd_dkdv, ("dkdv", key), lambda tile: (triton.cdiv(T, tile.block_n), B * k.shape[2]),
+        (q, k, v, do, lse, delta, dk, dv, dq_acc, cos, sin, T, H, G, window, scale * _LOG2E, scale,
+         *_strides(q, k, v, do, dk, dv)),
+        flags | {"ATOMIC_DQ": atomic},
+        lambda: tuning.candidate_tiles("dkdv", D, G, q.dtype, use_tma, atomic, small_window),
+        reset=dq_acc if atomic else None, traced=traced,
     )  # fmt: skip
     if atomic:
-        _attn_bwd_dq_convert[rows_grid](
-            dq_acc, dq, T, H, scale, *_strides(dq), HEAD_DIM=D, ROUND_BF16=flags["ROUND_BF16"], BLOCK_M=block_m
-        )
-    else:
-        dq_grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _launch(
-            "dq", _attn_bwd_dq, dq_grid, q, k, v, do, lse, delta, dq, T, H, G, window, scale * _LOG2E, scale,
-            *_strides(q, k, v, do, dq), IS_CAUSAL=causal, **flags,
+        launcher.launch(
+            _attn_bwd_dq_convert, ("convert", key), rows_grid,
+            (dq_acc, dq, cos, sin, T, H, scale, *_strides(dq)),
+            {"HEAD_DIM": D, "ROPE": rope is not None, "ROUND_BF16": flags["ROUND_BF16"]}, lambda: [_ROWS],
+            traced=traced,
         )  # fmt: skip
-    return dq, dk, dv
+    else:
+        launcher.launch(
+            _attn_bwd_dq, ("dq", key), lambda tile: (triton.cdiv(T, tile.block_m), B * H),
+            (q, k, v, do, lse, delta, dq, cos, sin, T, H, G, window, scale * _LOG2E, scale,
+             *_strides(q, k, v, do, dq)),
+            flags, lambda: tuning.candidate_tiles("dq", D, G, q.dtype, use_tma, False, small_window), traced=traced,
+        )  # fmt: skip
 
 
-@torch.library.custom_op("nanogpt2::flash_attention", mutates_args=())
-def _flash_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int, scale: float, tma: bool,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    return _forward(q, k, v, causal, window, scale, tma)
+def _split(qkv: torch.Tensor, n_kv_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views q (B, T, H, D), k, v (B, T, Hkv, D) of a packed (B, T, H + 2 Hkv, D) tensor."""
+    H = qkv.shape[2] - 2 * n_kv_head
+    return qkv[:, :, :H], qkv[:, :, H : H + n_kv_head], qkv[:, :, H + n_kv_head :]
 
 
-@_flash_attention_op.register_fake
-def _(q, k, v, causal, window, scale, tma, deterministic):
+def _empty_like(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+
+
+class _Attention(torch.autograd.Function):
+    """Eager attention of separate q, k, v: one launch forward, three backward (lse is saved, not returned)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, window, scale, tma, deterministic):
+        o, lse = _forward(q, k, v, causal, window, scale, tma)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.options = causal, window, scale, tma, deterministic
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _empty_like(q, k, v)
+        _backward(do, q, k, v, o, lse, None, dq, dk, dv, *ctx.options)
+        return dq, dk, dv, None, None, None, None, None
+
+
+class _PackedAttention(torch.autograd.Function):
+    """Eager attention of a packed qkv, RoPE optional: the backward writes d(qkv) in place of a `cat`, and rotates
+    dq, dk back inside the attention kernels."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_kv_head, cos, sin, causal, window, scale, tma, deterministic):
+        q, k, v = _split(qkv, n_kv_head)
+        if cos is not None:
+            q, k = rotate(q, k, cos, sin, False)
+        o, lse = _forward(q, k, v, causal, window, scale, tma)
+        ctx.save_for_backward(q, k, v, o, lse, cos, sin)
+        ctx.options = causal, window, scale, tma, deterministic
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cos, sin = ctx.saved_tensors
+        dqkv = torch.empty((*q.shape[:2], q.shape[2] + 2 * k.shape[2], q.shape[3]), dtype=q.dtype, device=q.device)
+        rope = None if cos is None else (cos, sin)
+        _backward(do, q, k, v, o, lse, rope, *_split(dqkv, k.shape[2]), *ctx.options)
+        return dqkv, None, None, None, None, None, None, None, None
+
+
+def _attention_fake(q, k, v, causal, window, scale, tma, deterministic):
     B, T, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
 
 
-@torch.library.custom_op("nanogpt2::flash_attention_bwd", mutates_args=())
-def _flash_attention_bwd_op(
+@launcher.traceable_op("nanogpt2::flash_attention", fake=_attention_fake)
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int, scale: float, tma: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return _forward(q, k, v, causal, window, scale, tma, traced=True)
+
+
+def _packed_fake(qkv, cos, sin, n_kv_head, causal, window, scale, tma, deterministic):
+    q, k, _ = _split(qkv, n_kv_head)
+    B, T, H, _ = q.shape
+    rotated = (q.new_empty(q.shape), k.new_empty(k.shape)) if cos is not None else (q.new_empty(0), k.new_empty(0))
+    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32), *rotated
+
+
+@launcher.traceable_op("nanogpt2::flash_attention_packed", fake=_packed_fake)
+def _packed_op(
+    qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, n_kv_head: int, causal: bool, window: int,
+    scale: float, tma: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    # o, lse, and the rotated q, k the backward needs (empty without RoPE: it reads q, k from qkv).
+    q, k, v = _split(qkv, n_kv_head)
+    if cos is None:
+        return *_forward(q, k, v, causal, window, scale, tma, traced=True), q.new_empty(0), k.new_empty(0)
+    q, k = rotate(q, k, cos, sin, False, traced=True)
+    return *_forward(q, k, v, causal, window, scale, tma, traced=True), q, k
+
+
+def _backward_fake(do, q, k, v, o, lse, cos, sin, packed, causal, window, scale, tma, deterministic):
+    if packed:
+        return [q.new_empty((*q.shape[:2], q.shape[2] + 2 * k.shape[2], q.shape[3]))]
+    return _empty_like(q, k, v)
+
+
+@launcher.traceable_op("nanogpt2::flash_attention_bwd", fake=_backward_fake)
+def _backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    causal: bool, window: int, scale: float, tma: bool, deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return _backward(do, q, k, v, o, lse, causal, window, scale, tma, deterministic)
+    cos: torch.Tensor | None, sin: torch.Tensor | None, packed: bool, causal: bool, window: int, scale: float,
+    tma: bool, deterministic: bool,
+) -> list[torch.Tensor]:  # fmt: skip
+    # [dq, dk, dv], or [d(qkv)] when `packed`.
+    rope = None if cos is None else (cos, sin)
+    options = causal, window, scale, tma, deterministic
+    if not packed:
+        dq, dk, dv = _empty_like(q, k, v)
+        _backward(do, q, k, v, o, lse, rope, dq, dk, dv, *options, traced=True)
+        return [dq, dk, dv]
+    dqkv = q.new_empty((*q.shape[:2], q.shape[2] + 2 * k.shape[2], q.shape[3]))
+    _backward(do, q, k, v, o, lse, rope, *_split(dqkv, k.shape[2]), *options, traced=True)
+    return [dqkv]
 
 
-@_flash_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, causal, window, scale, tma, deterministic):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
+def _attention_setup(ctx, inputs, output):
     q, k, v, *ctx.options = inputs  # causal, window, scale, tma, deterministic
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.set_materialize_grads(False)  # lse's gradient: none, rather than zeros
 
 
-def _autograd_backward(ctx, do, _dlse):
+def _attention_op_backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _flash_attention_bwd_op(do, q, k, v, o, lse, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None
+    return *_backward_op(do, q, k, v, o, lse, None, None, False, *ctx.options), None, None, None, None, None
 
 
-_flash_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+def _packed_setup(ctx, inputs, output):
+    qkv, cos, sin, ctx.n_kv_head, *ctx.options = inputs
+    ctx.save_for_backward(qkv, cos, sin, *output)
+    ctx.set_materialize_grads(False)
 
-# Defaults of the code-path switches: the faster ones in benches/gpu_check.sh's measurements (BENCHMARKS.md), pointer
-# loads over TMA descriptors and atomic dQ over its own kernel. NANOGPT2_ATTN_TMA=1 / NANOGPT2_ATTN_DETERMINISTIC=1
-# override them for a whole run.
-USE_TMA = os.environ.get("NANOGPT2_ATTN_TMA", "0") == "1"
-DETERMINISTIC = os.environ.get("NANOGPT2_ATTN_DETERMINISTIC", "0") == "1"
+
+def _packed_op_backward(ctx, do, *_unused):
+    qkv, cos, sin, o, lse, q_rot, k_rot = ctx.saved_tensors
+    q, k, v = _split(qkv, ctx.n_kv_head)
+    if cos is not None:
+        q, k = q_rot, k_rot
+    (dqkv,) = _backward_op(do, q, k, v, o, lse, cos, sin, True, *ctx.options)
+    return dqkv, None, None, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_op_backward, setup_context=_attention_setup)
+_packed_op.register_autograd(_packed_op_backward, setup_context=_packed_setup)
+
+
+def _check_options(causal: bool, window: int | None, scale: float | None) -> None:
+    if window is not None and not causal:
+        raise ValueError(f"a sliding window needs causal=True, got causal={causal} with window={window}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an integer >= 1, got {window!r}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+
+
+def _check_heads(H: int, Hkv: int, D: int) -> None:
+    if Hkv <= 0 or H <= 0 or H % Hkv != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a positive multiple of the KV heads ({Hkv})")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS}, got {D}")
+
+
+def _resolve_options(T: int, window: int | None, scale: float | None, D: int, deterministic, tma) -> tuple:
+    """(window in 1..T, scale, tma, deterministic) as the kernels take them: a window of T or more keys is plain
+    causal attention; None picks the defaults (tuning's, or torch.use_deterministic_algorithms)."""
+    window = T if window is None else min(window, T)
+    if deterministic is None:
+        deterministic = tuning.DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
+    return (
+        max(window, 1),
+        D**-0.5 if scale is None else float(scale),
+        tuning.USE_TMA if tma is None else tma,
+        deterministic,
+    )
 
 
 def flash_attention(
@@ -681,33 +713,62 @@ def flash_attention(
     causal) lets query i see keys i - W < j <= i; causal=False without a window is full attention. `scale` (> 0)
     defaults to D ** -0.5. Returns o (B, T, H, D), contiguous, differentiable with respect to q, k and v.
     `deterministic`: dQ from its own kernel, bitwise repeatable (True), or fp32 atomics in the dK/dV kernel (False,
-    5 matmuls instead of 7); None takes DETERMINISTIC, or True under torch.use_deterministic_algorithms.
-    `tma`: load tiles through TMA descriptors where the strides allow (None: USE_TMA).
+    5 matmuls instead of 7); None takes tuning.DETERMINISTIC, or True under torch.use_deterministic_algorithms.
+    `tma`: load tiles through TMA descriptors where the strides allow (None: tuning.USE_TMA).
+    A model whose q, k, v come from one projection saves a backward pass with `flash_attention_packed`.
     """
-    if window is not None and not causal:
-        raise ValueError(f"a sliding window needs causal=True, got causal={causal} with window={window}")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be None or an integer >= 1, got {window!r}")
+    _check_options(causal, window, scale)
     _utils.check_inputs(q=q, k=k, v=v)
     B, T, H, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
         raise ValueError(f"k and v must both be (B={B}, T={T}, Hkv, D={D}), got {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[2] == 0 or H % k.shape[2] != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a positive multiple of the KV heads ({k.shape[2]})")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS}, got {D}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    _check_heads(H, k.shape[2], D)
     _utils.check_device(q, k, v)
     rows = max(1, _utils.MAX_GRID_Y // H)  # sequences whose (batch, head) programs fit one launch's grid
     if B > rows:
         slices = [(q[i : i + rows], k[i : i + rows], v[i : i + rows]) for i in range(0, B, rows)]
         options = dict(causal=causal, window=window, scale=scale, deterministic=deterministic, tma=tma)
         return torch.cat([flash_attention(*qkv, **options) for qkv in slices])
-    scale = D**-0.5 if scale is None else float(scale)
-    # A window of T or more keys is plain causal attention; the kernels take T for "no window".
-    window = T if window is None else min(window, T)
-    if deterministic is None:
-        deterministic = DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
-    tma = USE_TMA if tma is None else tma
-    return _flash_attention_op(q, k, v, causal, max(window, 1), scale, tma, deterministic)[0]
+    options = _resolve_options(T, window, scale, D, deterministic, tma)
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, causal, *options)[0]
+    return _Attention.apply(q, k, v, causal, *options)
+
+
+def flash_attention_packed(
+    qkv: torch.Tensor,
+    n_kv_head: int,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+    *,
+    deterministic: bool | None = None,
+    tma: bool | None = None,
+) -> torch.Tensor:
+    """`flash_attention` of the q, k, v packed in one tensor, as a fused projection makes them, with RoPE optional.
+
+    qkv: (B, T, H + 2 * n_kv_head, D): query heads first, then the KV heads of k, then those of v (a view of a
+    (B, T, (H + 2 Hkv) * D) projection). `rope` = (cos, sin), each (T, D/2) float32: q and k are rotated first, as
+    `apply_rope` does. Returns o (B, T, H, D). The backward writes the gradient of qkv as one tensor (no `cat`) and
+    applies RoPE's inverse inside the attention kernels (no second RoPE launch). Other arguments: `flash_attention`.
+    """
+    _check_options(causal, window, scale)
+    if qkv.dim() != 4:
+        raise ValueError(f"qkv must be (B, T, H + 2 * n_kv_head, D), got {tuple(qkv.shape)}")
+    q, k, v = _split(qkv, n_kv_head)
+    B, T, H, D = q.shape
+    _check_heads(H, n_kv_head, D)
+    _utils.check_inputs(q=q, k=k, v=v)
+    if rope is not None:
+        check_rope_inputs(q, k, *rope)
+    _utils.check_device(qkv, *(rope or ()))
+    rows = max(1, _utils.MAX_GRID_Y // H)
+    if B > rows:
+        options = dict(rope=rope, causal=causal, window=window, scale=scale, deterministic=deterministic, tma=tma)
+        return torch.cat([flash_attention_packed(qkv[i : i + rows], n_kv_head, **options) for i in range(0, B, rows)])
+    options = _resolve_options(T, window, scale, D, deterministic, tma)
+    cos, sin = rope if rope is not None else (None, None)
+    if torch.compiler.is_compiling():
+        return _packed_op(qkv, cos, sin, n_kv_head, causal, *options)[0]
+    return _PackedAttention.apply(qkv, n_kv_head, cos, sin, causal, *options)

@@ -9,11 +9,13 @@ Limits: any even D, fp32 / fp16 / bf16; outputs are contiguous (B, T, heads, D) 
 not differentiated (they are position tables, not parameters).
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from nanogpt2.kernels import _utils
+from nanogpt2.kernels import _utils, launcher
 from nanogpt2.kernels._utils import store_cast
 
 
@@ -69,57 +71,79 @@ def _rope_kernel(
         )  # fmt: skip
 
 
-def _rotate(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
+class _Blocks(NamedTuple):
+    """The kernel's one config for a shape: token tile, head and half-dim tile widths (powers of 2)."""
+
+    block_t: int
+    block_h: int
+    block_half: int
+
+    def meta(self) -> dict:
+        return {"BLOCK_T": self.block_t, "BLOCK_H": self.block_h, "BLOCK_HALF": self.block_half, "num_warps": 4}
+
+
+def _blocks(T: int, H: int, Hkv: int, D: int) -> _Blocks:
+    block_half = triton.next_power_of_2(D // 2)
+    block_h = triton.next_power_of_2(max(H, Hkv))
+    # ~4K elements per half-tile (all heads of BLOCK_T tokens): bytes in flight on a GPU, few interpreter programs.
+    return _Blocks(max(2, min(64, 4096 // (block_h * block_half), triton.next_power_of_2(T))), block_h, block_half)
+
+
+def rotate(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool, traced: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel: rotate q and k by +angle (or -angle when `inverse`) into new contiguous tensors."""
+    """Rotate q and k by +angle (or -angle when `inverse`) into new contiguous tensors, in one launch (inputs
+    checked by the caller; `traced`: see launcher.launch)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if q_out.numel() == 0 and k_out.numel() == 0:
         return q_out, k_out
-    half = D // 2
-    block_half = triton.next_power_of_2(half)
-    block_h = triton.next_power_of_2(max(H, Hkv))
-    # ~4K elements per half-tile (all heads of BLOCK_T tokens): bytes in flight on a GPU, few interpreter programs.
-    block_t = max(2, min(64, 4096 // (block_h * block_half), triton.next_power_of_2(T)))
-    grid = (triton.cdiv(T, block_t), B, 2)
-    _rope_kernel[grid](
-        q, k, q_out, k_out, cos, sin, T, H, Hkv,
-        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], cos.stride(0), sin.stride(0),
-        HALF=half, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, INVERSE=inverse,
-        ROUND_BF16=_utils.INTERPRET and q.dtype == torch.bfloat16, num_warps=4,
+    key = ("rope", q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), cos.stride(), sin.stride(), inverse,
+           launcher.aligned((q, k, cos, sin), traced))  # fmt: skip
+    launcher.launch(
+        _rope_kernel, key, lambda blocks: (triton.cdiv(T, blocks.block_t), B, 2),
+        (q, k, q_out, k_out, cos, sin, T, H, Hkv, *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3],
+         *k_out.stride()[:3], cos.stride(0), sin.stride(0)),
+        {"HALF": D // 2, "INVERSE": inverse, "ROUND_BF16": _utils.INTERPRET and q.dtype == torch.bfloat16},
+        lambda: [_blocks(T, H, Hkv, D)], traced=traced,
     )  # fmt: skip
     return q_out, k_out
 
 
-@torch.library.custom_op("nanogpt2::apply_rope", mutates_args=())
-def _apply_rope_op(
+class _Rope(torch.autograd.Function):
+    """Eager RoPE: the backward is the rotation by the opposite angle (the rotation is orthogonal)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(q, k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        return *rotate(grad_q, grad_k, cos, sin, True), None, None
+
+
+@launcher.traceable_op(
+    "nanogpt2::rope", fake=lambda q, k, cos, sin, inverse: (q.new_empty(q.shape), k.new_empty(k.shape))
+)
+def _rope_op(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rotate(q, k, cos, sin, inverse)
+    return rotate(q, k, cos, sin, inverse, traced=True)
 
 
-@_apply_rope_op.register_fake
-def _(q, k, cos, sin, inverse):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+def _rope_op_backward(ctx, grad_q, grad_k):
+    return *_rope_op(grad_q, grad_k, *ctx.saved_tensors, True), None, None, None
 
 
-def _setup_context(ctx, inputs, output):
-    _, _, cos, sin, inverse = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.inverse = inverse
+def _rope_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2], inputs[3])
 
 
-def _backward(ctx, grad_q, grad_k):
-    # The rotation is orthogonal: its vector-Jacobian product is the rotation by the opposite angle.
-    cos, sin = ctx.saved_tensors
-    grad_q, grad_k = _apply_rope_op(grad_q, grad_k, cos, sin, not ctx.inverse)
-    return grad_q, grad_k, None, None, None
-
-
-_apply_rope_op.register_autograd(_backward, setup_context=_setup_context)
+_rope_op.register_autograd(_rope_op_backward, setup_context=_rope_op_setup)
 
 
 def apply_rope(
@@ -131,6 +155,18 @@ def apply_rope(
     are free: views of a fused qkv projection need no copy); cos, sin: (T, D/2) float32. Returns contiguous rotated
     (q, k) in the input dtype. Differentiable with respect to q and k; cos and sin get no gradient.
     """
+    check_rope_inputs(q, k, cos, sin)
+    rows = _utils.MAX_GRID_Y
+    if q.shape[0] > rows:  # more sequences than one launch's grid holds: rotate the batch in slices
+        rotated = [apply_rope(q[i : i + rows], k[i : i + rows], cos, sin) for i in range(0, q.shape[0], rows)]
+        return torch.cat([qr for qr, _ in rotated]), torch.cat([kr for _, kr in rotated])
+    if torch.compiler.is_compiling():
+        return _rope_op(q, k, cos, sin, False)
+    return _Rope.apply(q, k, cos, sin)
+
+
+def check_rope_inputs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """ValueError unless q (B, T, H, D), k (B, T, Hkv, D) and cos, sin (T, D/2) fp32 suit the kernel."""
     _utils.check_inputs(q=q, k=k)
     B, T, H, D = q.shape
     if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
@@ -144,8 +180,3 @@ def apply_rope(
             raise ValueError(f"{name} must be float32, got {t.dtype}")
     _utils.check_unit_last_stride(cos=cos, sin=sin)
     _utils.check_device(q, k, cos, sin)
-    rows = _utils.MAX_GRID_Y
-    if B > rows:  # more sequences than one launch's grid holds: rotate the batch in slices
-        rotated = [apply_rope(q[i : i + rows], k[i : i + rows], cos, sin) for i in range(0, B, rows)]
-        return torch.cat([qr for qr, _ in rotated]), torch.cat([kr for _, kr in rotated])
-    return _apply_rope_op(q, k, cos, sin, False)

@@ -121,19 +121,25 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[t
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, attn_impl: str, dropout_p: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    """Causal (optionally sliding-window) attention of T tokens over themselves, as in training: q (B, T, H, D),
-    k/v (B, T, Hkv, D) -> (B, T, H, D). The Triton kernel has no dropout: with dropout it runs through SDPA."""
-    if attn_impl == "triton" and dropout_p == 0.0:
-        from nanogpt2.kernels import flash_attention
-
-        return flash_attention(q, k, v, causal=True, window=window)
+    """Causal (optionally sliding-window) attention of T tokens over themselves, as in training, through SDPA:
+    q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D). (The Triton kernels: `attend_packed`; they have no dropout.)"""
     if window is None or window >= q.shape[1]:
         return sdpa(q, k, v, None, dropout_p, is_causal=True)
     i = torch.arange(q.shape[1], device=q.device)
     band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # (T, T)
     return sdpa(q, k, v, band, dropout_p, is_causal=False)
+
+
+def attend_packed(
+    qkv: torch.Tensor, n_kv_head: int, rope: tuple[torch.Tensor, torch.Tensor] | None, window: int | None
+) -> torch.Tensor:
+    """`attend` with the Triton kernels on the packed projection qkv (B, T, H + 2 Hkv, D), RoPE applied first when
+    `rope` = (cos, sin) is given -> (B, T, H, D)."""
+    from nanogpt2.kernels import flash_attention_packed
+
+    return flash_attention_packed(qkv, n_kv_head, rope, causal=True, window=window)
 
 
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -178,16 +184,22 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); with a KV cache, `positions` (T,) are the absolute positions of x's tokens."""
         B, T, C = x.shape
+        dropout_p = self.config.dropout if self.training else 0.0
+        qkv = self.c_attn(x)  # (B, T, C + 2 * kv_dim)
+        if self.attn_impl == "triton" and kv_cache is None and dropout_p == 0.0:
+            # One kernel call from the packed projection: its backward writes d(qkv) whole and undoes RoPE inside.
+            heads = qkv.view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+            y = attend_packed(heads, self.n_kv_head, rope, self.config.window)  # (B, T, H, D)
+            return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
         kv_dim = self.n_kv_head * self.head_dim
-        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
+        q, k, v = qkv.split([C, kv_dim, kv_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         if rope is not None:
             q, k = rotate_qk(q, k, *rope, self.attn_impl)
         if kv_cache is None:
-            dropout_p = self.config.dropout if self.training else 0.0
-            y = attend(q, k, v, self.config.window, self.attn_impl, dropout_p)  # (B, T, H, D)
+            y = attend(q, k, v, self.config.window, dropout_p)  # (B, T, H, D)
         else:
             k, v, mask = kv_cache.update(self.layer_idx, k, v, positions)  # (B, S, Hkv, D) x 2, (T, S) or None
             y = attend_cached(q, k, v, mask)  # (B, T, H, D)
@@ -247,8 +259,10 @@ def check_attn_impl(config: GPTConfig, attn_impl: str) -> None:
 
 
 def wte_init_std(n_embd: int) -> float:
-    """The token embedding's init std: 0.04 at width 256 (measured, see GPT.__init__), scaled as 1/sqrt(width)."""
-    return 0.04 * math.sqrt(256 / n_embd)
+    """The tied token embedding's init std: 0.04 at width 256 (measured, BENCHMARKS.md), and elsewhere the largest std
+    that keeps two initial logits at their width-256 scale or below: the spread of a token's logits for other tokens,
+    std * sqrt(width), and its logit for itself, about std * width (its embedding against its own normalised copy)."""
+    return 0.04 * min(math.sqrt(256 / n_embd), 256 / n_embd)
 
 
 class GPT(nn.Module):

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.utils._device
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

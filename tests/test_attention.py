@@ -8,8 +8,7 @@ import torch
 from helpers import DEVICE, assert_matches_ref
 
 import nanogpt2.kernels._utils
-from nanogpt2.kernels import apply_rope, flash_attention
-from nanogpt2.kernels import attention as attention_module
+from nanogpt2.kernels import apply_rope, flash_attention, flash_attention_packed, tuning
 from nanogpt2.kernels.reference import apply_rope_ref, flash_attention_ref
 
 pytestmark = pytest.mark.usefixtures("nan_outputs")
@@ -132,7 +131,7 @@ def test_gqa_backward_is_deterministic(switch, monkeypatch):
         return attention_and_grads(attention, q, k, v, dout, False, None)
 
     # The variable is read once, at import: the module's flag is what NANOGPT2_ATTN_DETERMINISTIC=1 sets.
-    monkeypatch.setattr(attention_module, "DETERMINISTIC", False)
+    monkeypatch.setattr(tuning, "DETERMINISTIC", False)
     first, runs = run(deterministic=False), 1
     while runs < 21:
         out, dq, dk, dv = run(deterministic=False)
@@ -143,7 +142,7 @@ def test_gqa_backward_is_deterministic(switch, monkeypatch):
     else:
         pytest.fail(f"the atomic dQ path gave one dQ bitwise in {runs} runs: repeatability would prove nothing here")
 
-    monkeypatch.setattr(attention_module, "DETERMINISTIC", switch == "NANOGPT2_ATTN_DETERMINISTIC=1")
+    monkeypatch.setattr(tuning, "DETERMINISTIC", switch == "NANOGPT2_ATTN_DETERMINISTIC=1")
     with deterministic_algorithms(switch == "torch.use_deterministic_algorithms"):
         path = dict(deterministic=True) if switch == "deterministic=True" else {}  # else None: the switch decides
         results = [run(**path) for _ in range(max(runs, 5))]  # at least as many runs as the atomic path needed
@@ -273,13 +272,11 @@ def test_autotuned_atomic_dq_matches_reference(monkeypatch):
 def test_forced_gpu_configs_match_reference(deterministic):
     """`forced_configs` (how benches.configs checks every config on a GPU) runs the first GPU tiles of each kernel:
     128-row tiles, on ragged T with GQA and a window."""
-    from nanogpt2.kernels import attention
-
     B, T, H, Hkv, D, W = 1, 150, 4, 2, 64, 70
     q, k, v = make_qkv(B, T, H, Hkv, D, torch.float32, "qkv")
     dout = torch.randn(B, T, H, D, device=DEVICE)
-    configs = {kernel: tiles[(64, True)][0].config() for kernel, tiles in attention.TILES.items()}
-    with attention.forced_configs(**configs):
+    configs = {kernel: tiles[(64, True)][0] for kernel, tiles in tuning.TILES.items()}
+    with tuning.forced_configs(**configs):
         got = attention_and_grads(
             functools.partial(flash_attention, deterministic=deterministic), q, k, v, dout, True, W
         )  # fmt: skip

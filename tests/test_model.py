@@ -201,7 +201,7 @@ def test_sdpa_path_matches_naive_reference(variant, T):
     q = torch.randn(2, T, 4, 16, dtype=torch.float64)
     k = torch.randn(2, T, cfg.n_kv_head, 16, dtype=torch.float64)
     v = torch.randn(2, T, cfg.n_kv_head, 16, dtype=torch.float64)
-    out = attend(q, k, v, cfg.window, "torch")
+    out = attend(q, k, v, cfg.window)
     ref = flash_attention_ref(q, k, v, causal=True, window=cfg.window)
     assert (out - ref).abs().max() <= 1e-10
 

@@ -36,15 +36,17 @@ def check_device(*tensors: torch.Tensor) -> None:
 def check_inputs(**tensors: torch.Tensor) -> None:
     """Raise ValueError unless the named (B, T, heads, D) tensors share one dtype of DTYPES and one usable device, and
     each has a unit last stride (the other strides are free)."""
-    names = ", ".join(tensors)
-    if any(t.dim() != 4 for t in tensors.values()):
-        shapes = ", ".join(str(tuple(t.shape)) for t in tensors.values())
-        raise ValueError(f"{names} must be (B, T, heads, D), got {shapes}")
-    dtypes = [t.dtype for t in tensors.values()]
-    if dtypes[0] not in DTYPES or any(d != dtypes[0] for d in dtypes):
-        raise ValueError(f"{names} must share one dtype among {DTYPES}, got {', '.join(map(str, dtypes))}")
-    check_unit_last_stride(**tensors)
+    values = tensors.values()
+    if any(t.dim() != 4 for t in values):
+        shapes = ", ".join(str(tuple(t.shape)) for t in values)
+        raise ValueError(f"{', '.join(tensors)} must be (B, T, heads, D), got {shapes}")
+    dtypes = {t.dtype for t in values}
+    if len(dtypes) != 1 or not dtypes <= set(DTYPES):
+        got = ", ".join(str(t.dtype) for t in values)
+        raise ValueError(f"{', '.join(tensors)} must share one dtype among {DTYPES}, got {got}")
     for name, t in tensors.items():
+        if t.stride(3) != 1:
+            raise ValueError(f"{name} must have a unit last stride, got strides {t.stride()}")
         if t.stride(1) >= MAX_ROW_STRIDE:
             raise ValueError(
                 f"{name} has a row (T) stride of {t.stride(1)} elements; the kernels take up to {MAX_ROW_STRIDE - 1} "
@@ -53,9 +55,15 @@ def check_inputs(**tensors: torch.Tensor) -> None:
 
 
 def check_unit_last_stride(**tensors: torch.Tensor) -> None:
+    """Raise ValueError unless each named tensor has a unit last stride."""
     for name, t in tensors.items():
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit last stride, got strides {t.stride()}")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints (triton.cdiv costs microseconds per call on triton >= 3.9)."""
+    return -(-a // b)
 
 
 def tma_compatible(tensors: Sequence[torch.Tensor], aligned: Sequence[bool]) -> bool:

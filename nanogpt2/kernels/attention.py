@@ -458,7 +458,7 @@ def _forward(
     key = ("fwd", q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), causal, window, use_tma,
            starts)  # fmt: skip
     launcher.launch(
-        _attn_fwd, key, lambda tile: (triton.cdiv(T, tile.block_m), B * H),
+        _attn_fwd, key, lambda tile: (_utils.cdiv(T, tile.block_m), B * H, 1),
         (q, k, v, o, lse, T, H, G, window, scale * _LOG2E, *_strides(q, k, v, o)),
         {"HEAD_DIM": D, "IS_CAUSAL": causal, "USE_TMA": use_tma, **_DTYPE_FLAGS[q.dtype]},
         lambda: tuning.candidate_tiles("fwd", D, G, q.dtype, use_tma, False, _small_window(causal, window, T)),
@@ -495,7 +495,7 @@ def _backward(
     dq_acc = torch.empty((B, H, T, D) if atomic else (1,), dtype=torch.float32, device=q.device)
     key = (q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
            dq.stride(), causal, window, use_tma, atomic, rope is not None, starts)  # fmt: skip
-    rows_grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    rows_grid = lambda meta: (_utils.cdiv(T, meta["BLOCK_M"]), B * H, 1)  # noqa: E731
     launcher.launch(
         _attn_bwd_preprocess, ("pre", key), rows_grid, (o, do, delta, dq_acc, T, H, *_strides(o, do)),
         {"HEAD_DIM": D, "ZERO_DQ": atomic}, lambda: [_ROWS], traced=traced,
@@ -503,7 +503,7 @@ def _backward(
     flags = {"HEAD_DIM": D, "IS_CAUSAL": causal, "USE_TMA": use_tma, "ROPE": rope is not None, **_DTYPE_FLAGS[q.dtype]}
     small_window = _small_window(causal, window, T)
     launcher.launch(
-        _attn_bwd_dkdv, ("dkdv", key), lambda tile: (triton.cdiv(T, tile.block_n), B * k.shape[2]),
+        _attn_bwd_dkdv, ("dkdv", key), lambda tile: (_utils.cdiv(T, tile.block_n), B * k.shape[2], 1),
         (q, k, v, do, lse, delta, dk, dv, dq_acc, cos, sin, T, H, G, window, scale * _LOG2E, scale,
          *_strides(q, k, v, do, dk, dv)),
         flags | {"ATOMIC_DQ": atomic},
@@ -519,7 +519,7 @@ def _backward(
         )  # fmt: skip
     else:
         launcher.launch(
-            _attn_bwd_dq, ("dq", key), lambda tile: (triton.cdiv(T, tile.block_m), B * H),
+            _attn_bwd_dq, ("dq", key), lambda tile: (_utils.cdiv(T, tile.block_m), B * H, 1),
             (q, k, v, do, lse, delta, dq, cos, sin, T, H, G, window, scale * _LOG2E, scale,
              *_strides(q, k, v, do, dq)),
             flags, lambda: tuning.candidate_tiles("dq", D, G, q.dtype, use_tma, False, small_window), traced=traced,

@@ -19,7 +19,7 @@ import triton
 from nanogpt2.kernels import _utils, tuning
 from nanogpt2.kernels.tuning import Tile
 
-Grid = Callable[[Tile], tuple[int, ...]]  # a config (anything with Tile's `meta()`) -> the launch grid
+Grid = Callable[[Tile], tuple[int, int, int]]  # a config (anything with Tile's `meta()`) -> the launch grid
 
 
 class _Plan:

@@ -103,7 +103,7 @@ def rotate(
     key = ("rope", q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), cos.stride(), sin.stride(), inverse,
            launcher.aligned((q, k, cos, sin), traced))  # fmt: skip
     launcher.launch(
-        _rope_kernel, key, lambda blocks: (triton.cdiv(T, blocks.block_t), B, 2),
+        _rope_kernel, key, lambda blocks: (_utils.cdiv(T, blocks.block_t), B, 2),
         (q, k, q_out, k_out, cos, sin, T, H, Hkv, *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3],
          *k_out.stride()[:3], cos.stride(0), sin.stride(0)),
         {"HALF": D // 2, "INVERSE": inverse, "ROUND_BF16": _utils.INTERPRET and q.dtype == torch.bfloat16},

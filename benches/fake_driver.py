@@ -67,7 +67,9 @@ class FakeCompiledKernel:
             if stream is None:
                 stream = driver.active.get_current_stream(driver.active.get_current_device())
             metadata = self.launch_metadata(grid, stream, *args)
-            self.run(grid[0], grid[1], grid[2], stream, self.function, self.packed_metadata, metadata, None, None, *args)
+            self.run(
+                grid[0], grid[1], grid[2], stream, self.function, self.packed_metadata, metadata, None, None, *args
+            )
 
         return runner
 

@@ -86,6 +86,10 @@ done
 loss_deadline=$((BUDGET_S - SECONDS - 20))
 [ "$loss_deadline" -gt 60 ] && loss_deadline=60
 step loss 80 python -m benches.train_loss "${DRY[@]}" --deadline "$loss_deadline" --json "$RESULTS/train_loss.json"
+# DDP, FSDP, FSDP + activation checkpointing, FSDP + compile under torchrun (a world of one, NCCL), each against a
+# plain run, saved, resumed and consolidated (benches.train_modes; the dry run's pico takes 80-160 s on 2 CPU cores).
+step train-modes $((DRY_RUN ? 240 : 120)) python -m benches.train_modes "${DRY[@]}" --deadline $((DRY_RUN ? 200 : 85)) \
+  --json "$RESULTS/train_modes.json" --work-dir "$SCRATCH"
 
 echo
 echo "=================================== VERDICT ==================================="

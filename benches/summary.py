@@ -3,7 +3,8 @@
     python -m benches.summary RESULTS_DIR
 
 Reads what benches/gpu_check.sh leaves in RESULTS_DIR (configs.json from benches.configs, bench_kernels.json from
-bench.kernels, train-*.metrics.jsonl from train.py, train_loss.json from benches.train_loss) and writes
+bench.kernels, train-*.metrics.jsonl from train.py, train_loss.json from benches.train_loss, train_modes.json from
+benches.train_modes) and writes
 RESULTS_DIR/summary.md (ready to paste into BENCHMARKS.md) and RESULTS_DIR/defaults.json (the measured fastest
 attention code path, to set the defaults in kernels/attention.py from data). Prints the target table last.
 """
@@ -13,7 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benches import common, train_loss
+from benches import common, train_loss, train_modes
 from benches.kernels import CANDIDATES
 
 TRAIN_WARMUP_STEPS = 10  # steps left out of training medians: compilation and autotuning
@@ -106,6 +107,7 @@ def targets(results: Path) -> list[tuple[str, str, str, str]]:
         ok = None if stats is None or torch_run is None else stats["tok_s"] >= torch_run["tok_s"]
         fmt = "{:,.0f} tok/s" + ("" if stats is None else f", mfu {100 * stats['mfu']:.1f}%")
         add(f"training gpt2 --attn {attn}", value, goal, ok if attn == "triton" else stats is not None, fmt)
+    out += train_modes.targets(_load(results / "train_modes.json"))  # one row per training mode under torchrun
     return out
 
 
@@ -150,9 +152,27 @@ def loss_markdown(results: Path) -> list[str]:
     return lines + [f"| {' | '.join(row)} |" for row in rows] + ["", train_loss.verdict(data) + "."]
 
 
+def modes_markdown(results: Path) -> list[str]:
+    """benches.train_modes's table: every training mode under torchrun on one GPU against a plain process."""
+    data = _load(results / "train_modes.json")
+    if data is None:
+        return ["Training modes under torchrun: not measured (no train_modes.json)."]
+    header, rows = train_modes.table(data)
+    s = data["settings"]
+    lines = [
+        f"Training modes under `torchrun --standalone --nproc_per_node=1`, {s['steps']} steps each, the last "
+        f"{s['resumed_steps']} also resumed from a checkpoint, against a plain process (`python -m "
+        f"benches.train_modes`; flags `{' '.join(s['flags'])}`):",
+        "",
+        f"| {' | '.join(header)} |",
+        "|" + "---|" * len(header),
+    ]
+    return lines + [f"| {' | '.join(row)} |" for row in rows]
+
+
 def markdown(results: Path, rows: list[tuple[str, str, str, str]], defaults: dict) -> str:
     """BENCHMARKS.md-ready text: the environment, the targets, every benchmark row, the fastest candidates, the
-    fused loss against the full logits."""
+    fused loss against the full logits, the training modes under torchrun."""
     bench = _load(results / "bench_kernels.json") or {}
     get = bench.get
     lines = [
@@ -188,6 +208,7 @@ def markdown(results: Path, rows: list[tuple[str, str, str, str]], defaults: dic
     if rec:
         choice = f"{rec['candidate']} (tma={rec['tma']}, deterministic={rec['deterministic']})"
     lines += ["", f"Fastest attention path over all fwd+bwd cases: {choice}.", "", *loss_markdown(results)]
+    lines += ["", *modes_markdown(results)]
     return "\n".join(lines) + "\n"
 
 

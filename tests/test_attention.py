@@ -5,10 +5,13 @@ import functools
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import DEVICE, assert_matches_ref
 
 import nanogpt2.kernels._utils
 from nanogpt2.kernels import apply_rope, flash_attention, flash_attention_packed, tuning
+from nanogpt2.kernels import attention as attention_kernels
 from nanogpt2.kernels.reference import apply_rope_ref, flash_attention_ref
 
 pytestmark = pytest.mark.usefixtures("nan_outputs")
@@ -284,3 +287,74 @@ def test_forced_gpu_configs_match_reference(deterministic):
     ref = attention_and_grads(flash_attention_ref, q64, k64, v64, dout.double(), True, W)
     for g, r in zip(got, ref, strict=True):
         assert_matches_ref(g, r, r, fp32_atol=2e-5, fp32_rtol=1e-5)
+
+
+PACKED_CASES = [
+    # (B, T, H, Hkv, D, window, rope, dtype, deterministic): RoPE or not, MHA and GQA, window or not, both dQ paths
+    (2, 70, 4, 2, 32, 33, True, torch.float32, False),
+    (1, 130, 4, 4, 64, None, True, torch.bfloat16, True),
+    (1, 100, 6, 2, 16, None, False, torch.float16, False),
+    (2, 65, 2, 1, 32, 7, False, torch.float32, True),
+    (1, 90, 3, 1, 64, 20, True, torch.bfloat16, False),
+]
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, window, rope, dtype, deterministic", PACKED_CASES)
+def test_packed_matches_reference(B, T, H, Hkv, D, window, rope, dtype, deterministic):
+    """flash_attention_packed: RoPE forward, attention, and one backward that writes d(qkv) whole with RoPE's
+    inverse applied inside the kernels, against SDPA-free float64 math (split, rotate, attend)."""
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, generator=g, device=DEVICE, dtype=dtype).requires_grad_()
+    angles = torch.arange(T, device=DEVICE)[:, None] * 10000 ** (-torch.arange(D // 2, device=DEVICE) / (D // 2))
+    cos_sin = (angles.cos().float(), angles.sin().float()) if rope else None
+    dout = torch.randn(B, T, H, D, generator=g, device=DEVICE, dtype=dtype)
+    out = flash_attention_packed(qkv, Hkv, cos_sin, window=window, deterministic=deterministic)
+    got = (out, *torch.autograd.grad(out, qkv, dout))
+
+    def reference(x, do):
+        x = x.detach().requires_grad_()
+        q, k, v = x.split([H, Hkv, Hkv], dim=2)
+        if rope:
+            q, k = apply_rope_ref(q, k, *cos_sin)
+        o = flash_attention_ref(q, k, v, causal=True, window=window)
+        return (o, *torch.autograd.grad(o, x, do))
+
+    ref = reference(qkv.double(), dout.double())
+    ref_lowp = reference(qkv, dout)
+    for name, a, r, r_lowp in zip(("out", "dqkv"), got, ref, ref_lowp, strict=True):
+        assert a.shape == r.shape and a.dtype == dtype, name
+        assert_matches_ref(a, r, r_lowp, factor=3.0, fp32_atol=2e-5, fp32_rtol=1e-5)
+
+
+@triton.jit
+def _visited_tiles(OUT, T, WINDOW, KEY_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The number of tiles program i's loop visits, through the kernels' own tile bounds: key tiles of query tile i
+    # (forward, dQ) or query tiles of key tile i (dK/dV).
+    i = tl.program_id(0)
+    if KEY_LOOP:
+        lo, _, _, hi = attention_kernels._kv_tile_range(i * BLOCK_M, T, WINDOW, True, BLOCK_M, BLOCK_N)
+        tl.store(OUT + i, (hi - lo) // BLOCK_N)
+    else:
+        lo, _, _, hi = attention_kernels._q_tile_range(i * BLOCK_N, T, WINDOW, True, BLOCK_M, BLOCK_N)
+        tl.store(OUT + i, (hi - lo) // BLOCK_M)
+
+
+@pytest.mark.parametrize("path", ["ptr+atomic", "ptr", "tma+atomic", "tma"])
+def test_visited_area_follows_the_window(path, monkeypatch):
+    """At T=8192 the score area every kernel visits (tiles x tile area, with the GPU configs a launch would choose)
+    is within 20% of proportional to the window between W=256 and W=1024 (4x), for the default path and the others.
+    (With 128-wide tiles at W=256 as well, the forward's ratio is 2.86: 28% short.)"""
+    monkeypatch.setattr(nanogpt2.kernels._utils, "INTERPRET", False)  # the GPU's candidates, not the interpreter's
+    T = 8192
+    for kernel in ("fwd", "dkdv", "dq"):
+        area = {}
+        for window in (256, 1024):
+            tma, atomic = path.startswith("tma"), path.endswith("atomic")
+            tile = tuning.candidate_tiles(kernel, 64, 1, torch.bfloat16, tma, atomic, window)[0]
+            programs = T // (tile.block_n if kernel == "dkdv" else tile.block_m)
+            visited = torch.zeros(programs, dtype=torch.int32, device=DEVICE)
+            _visited_tiles[(programs,)](
+                visited, T, window, KEY_LOOP=kernel != "dkdv", BLOCK_M=tile.block_m, BLOCK_N=tile.block_n
+            )
+            area[window] = int(visited.sum()) * tile.block_m * tile.block_n
+        assert 0.8 <= area[1024] / area[256] / 4 <= 1.2, (kernel, path, area)

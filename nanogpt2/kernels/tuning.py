@@ -16,7 +16,7 @@ from nanogpt2.kernels import _utils
 
 ALL_PATHS = ("tma", "tma+atomic", "ptr", "ptr+atomic")  # loads through TMA or pointers; dQ by atomics or not
 TMA_PATHS = ("tma", "tma+atomic")
-# Windows up to this many keys take square 64 x 64 tiles where a kernel has one (see `candidate_tiles`).
+# Windows up to this many keys take tiles of at most 64 x 64 where a path has one (see `candidate_tiles`).
 SMALL_WINDOW = 256
 
 
@@ -92,16 +92,16 @@ def candidate_tiles(
     kernel: str, head_dim: int, group: int, dtype: torch.dtype, tma: bool, atomic: bool, window: int | None = None
 ) -> list[Tile]:
     """The configs a launch may choose among: the forced one if any; the small config for fp32 and in the
-    interpreter; else `allowed_tiles`, only its 64 x 64 tiles under a window of at most SMALL_WINDOW keys (where a
-    kernel has one: 128-wide tiles would visit 1.5x the band's area there, 64-wide ones 1.25x), and only the first
-    with NANOGPT2_AUTOTUNE=0."""
+    interpreter; else `allowed_tiles`, only its tiles of at most 64 x 64 under a window of at most SMALL_WINDOW keys
+    (where the path has one: 128-wide tiles would visit 1.5x the band's area there, 64-wide ones 1.25x, so the cost
+    follows the window), and only the first with NANOGPT2_AUTOTUNE=0."""
     if kernel in FORCED:
         return [FORCED[kernel]]
     if dtype == torch.float32 or _utils.INTERPRET:
         return [SMALL_TILES[kernel]]
     tiles = allowed_tiles(kernel, head_dim, group, tma, atomic)
     if window is not None and window <= SMALL_WINDOW:
-        tiles = [t for t in tiles if t.block_m == t.block_n == 64] or tiles
+        tiles = [t for t in tiles if max(t.block_m, t.block_n) <= 64] or tiles
     return tiles[:1] if os.environ.get("NANOGPT2_AUTOTUNE", "1") == "0" else tiles
 
 

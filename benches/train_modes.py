@@ -68,7 +68,8 @@ def child_env() -> dict:
     deterministic dQ, so that two runs of the same steps agree bit for bit."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
     env.pop("MASTER_PORT", None)
-    return env | {"PYTHONPATH": str(REPO), "NANOGPT2_AUTOTUNE": "0", "NANOGPT2_ATTN_DETERMINISTIC": "1"}
+    path = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # gpu_check.sh's wheels stay on it
+    return env | {"PYTHONPATH": path, "NANOGPT2_AUTOTUNE": "0", "NANOGPT2_ATTN_DETERMINISTIC": "1"}
 
 
 def run_command(label: str, cmd: list[str], deadline: float) -> dict:
@@ -197,9 +198,10 @@ def targets(data: dict | None) -> list[tuple[str, str, str, str]]:
         if m is None:
             rows.append((f"training {name}, torchrun x1", "-", goal, "MISSING"))
             continue
-        speed = "-" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:,.0f} tok/s"
-        peak = "-" if m["peak_gib"] is None else f"{m['peak_gib']:.2f} GiB"
-        rows.append((f"training {name}, torchrun x1", f"{speed}, {peak}", goal, m["verdict"]))
+        speed = None if m["tokens_per_s"] is None else f"{m['tokens_per_s']:,.0f} tok/s"
+        peak = None if m["peak_gib"] is None else f"{m['peak_gib']:.2f} GiB"
+        measured = ", ".join(part for part in (speed, peak) if part) or "-"
+        rows.append((f"training {name}, torchrun x1", measured, goal, m["verdict"]))
     return rows
 
 

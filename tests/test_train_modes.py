@@ -48,3 +48,16 @@ def test_verdict(tmp_path, split_step_6, full_step_1, verdict):
     dirs = {"full": tmp_path / "full", "split": tmp_path / "split"}
     mode = train_modes.analyse("fsdp", runs, dirs, {"status": "ok", "losses": plain}, steps=6)
     assert mode["verdict"] == verdict
+
+
+def test_a_mode_whose_timed_run_did_not_run_is_missing(tmp_path):
+    runs = {"first": {"status": "ok"}, "resumed": {"status": "ok"}, "consolidated": {"status": "ok"}}
+    dirs = {"full": tmp_path / "full", "split": tmp_path / "split"}
+    mode = train_modes.analyse("ddp", runs, dirs, {"status": "ok", "losses": {1: 10.0}}, steps=3)
+    assert mode["verdict"] == "MISSING"
+    assert train_modes.targets({"modes": {"ddp": mode}})[0] == (
+        "training ddp, torchrun x1",
+        "-",
+        "loss +-0.01, resume exact",
+        "MISSING",
+    )

@@ -8,8 +8,11 @@ Attention (bf16, causal, forward and forward+backward), cases in priority order 
 Triton candidate (TMA or pointer loads; atomic or deterministic dQ) against F.scaled_dot_product_attention (the first
 backend among flash, cuDNN, efficient that runs, named in the row) and FlexAttention with causal / sliding-window
 block masks. TFLOP/s count only the visible (query, key) pairs: 4 * B * H * D * pairs forward, 2.5x that for the
-backward. The small cases' forwards are also timed as CUDA-graph replays (launch overhead removed; capturing a
-backward breaks the CUDA RNG's state for the rest of the process). RoPE against the eager
+backward. Each implementation is timed three ways: launched as a user calls it (`ms`, do_bench), the kernels' own
+time (`kernel_ms`: the sum of the kernel durations in a torch.profiler trace, per call), and, for the small cases,
+as a CUDA-graph replay (`graph_ms`, inputs made before capture: launch gaps removed; the baselines' forward only,
+as capturing their backward breaks the CUDA RNG's state for the rest of the process). Launched minus kernel time is
+host overhead. RoPE against the eager
 reference, in GB/s of the bytes that must move, beside a measured device-to-device copy bandwidth. Every Triton
 result is checked against the first baseline's (max abs difference), so a fast but wrong path shows. Ratios are
 baseline ms / Triton ms (the fastest candidate): above 1, Triton is faster.
@@ -64,6 +67,22 @@ class Bench:
         import triton
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def kernel_ms(self, fn: Callable[[], object], calls: int = 10) -> float:
+        """Milliseconds of GPU kernel time per fn() call: the sum of the kernel durations torch.profiler records."""
+        if self.dry_run:
+            return self.ms(fn)
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        return sum(e.device_time for e in events) / calls / 1e3
 
     def graph_ms(self, fn: Callable[[], object]) -> float:
         """Median milliseconds of fn() replayed from a CUDA graph (launch gaps removed)."""
@@ -163,10 +182,14 @@ def time_impl(row: dict, impl: str, fn: Callable, flops_or_bytes: float, rate: s
         out = fn()
         ms = bench.ms(fn)
         row["results"][impl] = {"ms": ms, rate: flops_or_bytes / ms / (1e9 if rate == "tflops" else 1e6)}
-        return out
     except Exception as e:  # a broken candidate or baseline must not hide the others
         row["results"][impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         return None
+    try:
+        row["results"][impl]["kernel_ms"] = bench.kernel_ms(fn)
+    except Exception as e:  # the profiler's failure leaves the launched time standing
+        row["results"][impl]["kernel_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return out
 
 
 def finish_row(row: dict, outputs: dict[str, tuple], baselines: list[str]) -> None:
@@ -180,6 +203,9 @@ def finish_row(row: dict, outputs: dict[str, tuple], baselines: list[str]) -> No
     for b in baselines:
         if b in timed:
             row[f"x_{b}"] = timed[b] / timed[best]
+            kernel = {i: row["results"][i].get("kernel_ms") for i in (b, best)}
+            if all(kernel.values()):
+                row[f"x_{b}_kernel"] = kernel[b] / kernel[best]
     reference = next((outputs[b] for b in baselines if outputs.get(b) is not None), None)
     if reference is not None:
         row["max_diff"] = {i: max_diff(outputs[i], reference) for i in triton_impls if outputs.get(i) is not None}
@@ -220,8 +246,8 @@ def bench_attention(cases: dict, bench: Bench, record: Callable[[dict], None], d
                 fn = runner(attn, (q, k, v), mode, (q, k, v), (dout,))
                 outputs[impl] = time_impl(row, impl, fn, flops, "tflops", bench)
             finish_row(row, outputs, list(baselines))
-            if name in GRAPH_CASES and mode == "fwd" and "best" in row:
-                for impl in (row["best"], *baselines):
+            if name in GRAPH_CASES and "best" in row:
+                for impl in (row["best"], *(baselines if mode == "fwd" else ())):
                     try:
                         fn = runner(impls[impl], (q, k, v), mode, (q, k, v), (dout,))
                         row["results"][impl]["graph_ms"] = bench.graph_ms(fn)
@@ -266,11 +292,12 @@ def format_row(row: dict) -> str:
     parts = [f"{row['kernel']:<9} {row['case']:<11} {row['mode']:<7}"]
     for impl, r in row["results"].items():
         if "ms" in r:
-            graph = f" (graph {r['graph_ms']:.3f})" if "graph_ms" in r else ""
+            graph = f" (kernels {r['kernel_ms']:.3f})" if "kernel_ms" in r else ""
+            graph += f" (graph {r['graph_ms']:.3f})" if "graph_ms" in r else ""
             parts.append(f"{impl} {r['ms']:.3f} ms{graph} {r[rate]:.1f} {unit}")
         else:
             parts.append(f"{impl} FAILED: {r['error'][:80]}")
-    ratios = [f"x{row[key]:.2f} vs {key[2:]}" for key in row if key.startswith("x_")]
+    ratios = [f"x{row[key]:.2f} vs {key[2:].replace('_', ' ')}" for key in row if key.startswith("x_")]
     if "best" in row:
         parts.append(f"best {row['best']}" + (f" ({', '.join(ratios)})" if ratios else ""))
     if "sdpa_backend" in row:

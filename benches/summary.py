@@ -205,8 +205,8 @@ def markdown(results: Path, rows: list[tuple[str, str, str, str]], defaults: dic
             diff = r.get("max_diff", {}).get(impl)
             lines.append(
                 f"| {r['kernel']} | {r['case']} | {r['mode']} | {impl}{' (best)' if impl == r.get('best') else ''} | "
-                f"{res['ms']:.3f} | {res.get('kernel_ms', float('nan')):.3f} | {res.get('graph_ms', float('nan')):.3f} | "
-                f"{rate:.1f} {unit} | "
+                f"{res['ms']:.3f} | {res.get('kernel_ms', float('nan')):.3f} | "
+                f"{res.get('graph_ms', float('nan')):.3f} | {rate:.1f} {unit} | "
                 f"{'' if diff is None else f'{diff:.1e}'} |"
             )
     rec = defaults.get("recommended")

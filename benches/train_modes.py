@@ -54,8 +54,9 @@ COMMAND_TIMEOUT_S = 300  # a command that hangs (a collective that never complet
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
 
 
-def new_flags() -> tuple[list[str], list[str]]:
-    """(flags for every run, flags for the runs that must not compile), from train.py's parser as it is now."""
+def added_flags() -> tuple[list[str], list[str]]:
+    """Flags train.py's parser has gained (issue 19's step loop), as it is now: (for every run: every step logged;
+    for the runs that must not compile, where compiling became the default)."""
     from nanogpt2.config import build_parser
 
     help_text = build_parser().format_help()
@@ -66,8 +67,8 @@ def new_flags() -> tuple[list[str], list[str]]:
 def child_env() -> dict:
     """This environment without a torchrun rank's variables, with one attention tile config per kernel and the
     deterministic dQ, so that two runs of the same steps agree bit for bit."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
-    env.pop("MASTER_PORT", None)
+    rank_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rank_vars}
     path = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # gpu_check.sh's wheels stay on it
     return env | {"PYTHONPATH": path, "NANOGPT2_AUTOTUNE": "0", "NANOGPT2_ATTN_DETERMINISTIC": "1"}
 
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (3 if args.dry_run else 6)
     if steps <= RESUMED_STEPS:
         sys.exit(f"benches.train_modes: --steps must be more than the {RESUMED_STEPS} resumed steps, got {steps}")
-    every, eager = new_flags()
+    every, eager = added_flags()
     flags = [*(DRY_RUN_FLAGS if args.dry_run else GPU_FLAGS), *COMMON_FLAGS, "--decay-steps", str(steps), *every]
     env = common.environment(args.dry_run)
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)

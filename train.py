@@ -52,7 +52,6 @@ from nanogpt2.run import (
     append_metrics,
     log_memory,
     open_metrics,
-    peak_flops,
     prepare_out_dir,
     refuse_taken_out_dir,
     resume_hint,
@@ -61,7 +60,7 @@ from nanogpt2.run import (
     run_summary,
     write_json,
 )
-from nanogpt2.runtime import compute_dtype, keep_freed_memory, launcher_gone, synchronize
+from nanogpt2.runtime import compute_dtype, keep_freed_memory, launcher_gone, peak_flops, synchronize
 from nanogpt2.sample import generate
 from nanogpt2.tokenizer import EOT, decode
 
@@ -81,10 +80,26 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, env: DistEnv) -> tuple[Load
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (decay on 2-D weights, fused on CPU and CUDA), or plain SGD, whose steps are linear in the gradients."""
+    """AdamW (decay on 2-D weights, fused on CPU and CUDA), or plain SGD, whose steps are linear in the gradients.
+
+    With --cuda-graphs the AdamW is capturable, its lr a tensor on the device: a graph may replay its step, and a new
+    lr is written into the tensor rather than baked into the graph."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    return model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
+    if cfg.cuda_graphs:
+        for group in optimizer.param_groups:
+            group.update(capturable=True, lr=torch.tensor(cfg.lr, device=device))
+    return optimizer
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of every parameter group; a tensor lr (--cuda-graphs) is filled in place on the device."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -134,27 +149,42 @@ def finite(loss: float, norm: float, scaler: torch.amp.GradScaler) -> bool:
     return math.isfinite(loss) and (scaler.is_enabled() or math.isfinite(norm))
 
 
+class StaticInputs:
+    """Fixed device buffers that every micro-batch is copied into, so CUDA graphs (--cuda-graphs) replay from the
+    addresses they were captured with instead of copying each new batch into their own."""
+
+    def __init__(self, rows: int, seq_len: int, device: torch.device):
+        self.x = torch.zeros(rows, seq_len, dtype=torch.long, device=device)  # (B, T)
+        self.y = torch.zeros(rows, seq_len, dtype=torch.long, device=device)  # (B, T)
+        torch._dynamo.mark_static_address(self.x)
+        torch._dynamo.mark_static_address(self.y)
+
+    def fill(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x.copy_(x, non_blocking=True), self.y.copy_(y, non_blocking=True)
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     loader: Loader,
-    lr: float,
     cfg: TrainConfig,
     autocast,
-) -> tuple[float, float]:
-    """One optimizer step over cfg.grad_accum micro-batches: returns (mean loss, grad norm before clipping).
+    static: StaticInputs | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over cfg.grad_accum micro-batches: returns (mean loss, grad norm before clipping), both
+    still on the device: nothing here waits for it, so the host queues the next step while the device runs this one.
 
-    A non-finite loss or norm (bf16/fp32) leaves the weights untouched; the caller stops the run. With fp16 the
-    GradScaler skips steps with inf gradients itself and lowers its scale.
+    A non-finite loss or norm (bf16/fp32) is found when the losses are read (`Interval.read`), which stops the run
+    before anything is saved; with fp16 the GradScaler skips steps with inf gradients itself and lowers its scale.
     """
     device = next(model.parameters()).device
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         x, y = loader.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if static is not None:
+            x, y = static.fill(x, y)
         with grad_sync(model, micro == cfg.grad_accum - 1):  # ranks exchange gradients on the last micro-step only
             with autocast():
                 _, loss = model(x, y)
@@ -163,12 +193,35 @@ def train_step(
             scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     norm = clip_grad_norm(model, cfg.grad_clip)
-    loss_value = all_reduce_mean(loss_sum).item()  # the whole global batch's mean loss
-    if finite(loss_value, norm, scaler):
-        scaler.step(optimizer)
-        scaler.update()
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm
+    return all_reduce_mean(loss_sum), norm  # the whole global batch's mean loss
+
+
+class Interval:
+    """The steps since the last log line: their losses and norms stay on the device until `read`, which waits for the
+    device once, times the interval and copies them to the host in one transfer."""
+
+    def __init__(self):
+        self.steps: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, norm)
+        self.t0 = time.perf_counter()
+
+    def add(self, step: int, lr: float, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        self.steps.append((step, lr, loss, norm))
+
+    def read(self, device: torch.device) -> tuple[list[tuple[int, float, float, float]], float]:
+        """((step, lr, loss, norm) of each step, seconds per step) of the interval, which then starts afresh."""
+        synchronize(device)  # the interval's queued kernels count in its time, not the next one's
+        dt = (time.perf_counter() - self.t0) / len(self.steps)
+        values = torch.stack([v.double().to(device) for _, _, loss, norm in self.steps for v in (loss, norm)]).tolist()
+        steps = [(step, lr, values[2 * i], values[2 * i + 1]) for i, (step, lr, _, _) in enumerate(self.steps)]
+        self.steps = []
+        return steps, dt
+
+    def restart(self) -> None:
+        """Start the clock of the next interval (after an eval, save or sample, which are not training time)."""
+        self.t0 = time.perf_counter()
 
 
 def train(argv: list[str] | None = None) -> int:
@@ -182,6 +235,7 @@ def train(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # no page faults on the big per-step tensors
     cfg.fill_defaults(device, env.world_size)
     model_cfg = cfg.model_config(ckpt["model_config"] if ckpt else None)
+    fit = cfg.fit_micro_batch(model_cfg, device, env.world_size) if device.type == "cuda" else None
     cfg.check(model_cfg, device, env.world_size, env.distributed)
 
     # Set up: data first (its errors before anything is written; a taken --out-dir before any tokenizing), then the
@@ -196,7 +250,8 @@ def train(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.seed)
     raw_model = GPT(model_cfg, attn_impl=cfg.attn).to(device)  # the GPT itself (sharded in place by FSDP)
     mode = parallel_mode(cfg.fsdp, env)
-    model = parallelize(raw_model, mode, env, dtype, cfg.activation_checkpointing, cfg.compile)
+    compile_mode = "reduce-overhead" if cfg.cuda_graphs else None  # torch.compile's CUDA graphs
+    model = parallelize(raw_model, mode, env, dtype, cfg.activation_checkpointing, cfg.compile, compile_mode)
     optimizer = build_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step = restore_checkpoint(cfg.out_dir, ckpt, raw_model, optimizer, scaler, train_loader) if ckpt else 0
@@ -207,7 +262,7 @@ def train(argv: list[str] | None = None) -> int:
     if env.is_main:
         write_json(record_path, record)
     print0((f"resuming at step {step}: " if ckpt else "run: ") + run_line(record, record_path))
-    for line in ([note] if note else []) + cfg.notes(model_cfg):
+    for line in [line for line in (note, fit) if line] + cfg.notes(model_cfg):
         print0(f"note: {line}")
     eval_batches = min(cfg.eval_batches, val_loader.batches_per_epoch or cfg.eval_batches)
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -225,57 +280,73 @@ def train(argv: list[str] | None = None) -> int:
                         sharded=mode == "fsdp", is_main=env.is_main)  # fmt: skip
         saved_step, save_s = step, time.perf_counter() - t0
 
-    # The loop: one optimizer step, its log line and metrics row, then eval, checkpoint and sample when due.
+    # The loop: steps queue on the device without waiting for it; at each log point (every --log-every steps, the
+    # first step, and wherever an eval, save or sample is due: the same steps on every rank) the interval's losses are
+    # read, checked and logged, then eval, checkpoint, sample and stop requests are handled.
     stop = StopRequest(cfg.time_limit)
     first_loss = last_loss = val_loss = None
     step_times: list[float] = []
+    rows_per_rank = cfg.batch_size // (cfg.grad_accum * env.world_size)
+    static = StaticInputs(rows_per_rank, cfg.seq_len, device) if cfg.cuda_graphs else None
+    interval = Interval()
     t_start = time.perf_counter()
     try:
         while step < cfg.max_steps:
             if launcher_gone(env.launcher):  # torchrun was killed (a fallback where PR_SET_PDEATHSIG is not available)
                 print(f"error: [rank {env.rank}] stopped: the torchrun launcher is gone", file=sys.stderr, flush=True)
                 os._exit(1)
-            t0 = time.perf_counter()
             lr = lr_at(step, cfg)
-            loss_value, norm = train_step(model, optimizer, scaler, train_loader, lr, cfg, autocast)
-            synchronize(device)  # the optimizer's queued kernels count in this step's time, not the next one's
-            dt = time.perf_counter() - t0
-            if not finite(loss_value, norm, scaler):
-                raise DivergedError(
-                    f"loss {loss_value} / grad norm {norm} at step {step + 1} is not finite: stopped (a lower --lr in "
-                    f"a new run may help); {resume_hint(cfg.out_dir, saved_step)}"
-                )
+            set_lr(optimizer, lr)
+            interval.add(step + 1, lr, *train_step(model, optimizer, scaler, train_loader, cfg, autocast, static))
             step += 1
-            first_loss = loss_value if first_loss is None else first_loss
-            last_loss = loss_value
-            row = {"step": step, "loss": loss_value, "lr": lr, "norm": norm, "ms": dt * 1e3,
-                   "tok_s": tokens_per_step / dt, "tokens": step * tokens_per_step}  # fmt: skip
+            last_step = step == cfg.max_steps
+            evaluating = (cfg.eval_every and step % cfg.eval_every == 0) or last_step
+            saving = (cfg.save_every and step % cfg.save_every == 0) or last_step
+            sampling = cfg.sample_every and step % cfg.sample_every == 0 and not last_step and samples
+            if step % cfg.log_every and step_times and not (evaluating or saving or sampling):
+                continue
+            steps, dt = interval.read(device)
+            rows = []
+            for s, lr_s, loss_s, norm_s in steps:
+                if not finite(loss_s, norm_s, scaler):  # stopped before anything is saved
+                    raise DivergedError(
+                        f"loss {loss_s} / grad norm {norm_s} at step {s} is not finite: stopped (a lower --lr in "
+                        f"a new run may help); {resume_hint(cfg.out_dir, saved_step)}"
+                    )
+                rows.append({"step": s, "loss": loss_s, "lr": lr_s, "norm": norm_s, "ms": dt * 1e3,
+                             "tok_s": tokens_per_step / dt, "tokens": s * tokens_per_step})  # fmt: skip
+                if peak:
+                    rows[-1]["mfu"] = flops_per_step / dt / (peak * env.world_size)
+            row = rows[-1]
+            first_loss = rows[0]["loss"] if first_loss is None else first_loss
+            last_loss = row["loss"]
             line = (
-                f"step {step}/{cfg.max_steps} | loss {loss_value:.3f} | lr {lr:.1e} | norm {norm:.2f} | "
+                f"step {step}/{cfg.max_steps} | loss {last_loss:.3f} | lr {lr:.1e} | norm {row['norm']:.2f} | "
                 f"{dt * 1e3:.0f} ms | {tokens_per_step / dt:,.0f} tok/s"
             )
-            if peak:
-                row["mfu"] = flops_per_step / dt / (peak * env.world_size)
-                line += f" | mfu {100 * row['mfu']:.1f}%"
-            print0(line)
+            print0(line + (f" | mfu {100 * row['mfu']:.1f}%" if peak else ""))
             if not step_times:
+                if cfg.compile:
+                    print0(f"compile: the first step took {dt:.1f} s, compiling included")
                 log_memory(raw_model, optimizer, env.world_size)
-            step_times.append(dt)
-            last_step = step == cfg.max_steps
-            if (cfg.eval_every and step % cfg.eval_every == 0) or last_step:
+            step_times += [dt] * len(rows)
+            if evaluating:
                 val_loss = row["val_loss"] = evaluate(model, val_loader, eval_batches, autocast)
                 print0(f"step {step}/{cfg.max_steps} | val loss {val_loss:.3f}")
             if metrics:
-                append_metrics(metrics, row)
-            why = stop.reason(max(step_times[-10:]), save_s)
+                for r in rows:
+                    append_metrics(metrics, r)
+            # Time for the steps up to the next log point and a save?
+            why = stop.reason(max(step_times[-10:]) * cfg.log_every, save_s)
             stopping = any_rank(why is not None, device)  # the same step on every rank, whichever saw the reason
-            if (cfg.save_every and step % cfg.save_every == 0) or last_step or stopping:
+            if saving or stopping:
                 save(step)
-            if cfg.sample_every and step % cfg.sample_every == 0 and not last_step and samples:
+            if sampling:
                 print0(f"sample:\n{sample_text(raw_model, cfg.seed, device)}")  # every rank: FSDP's forward
             if stopping and not last_step:
                 print0(f"stopped by {why or 'another rank'} after step {step}: {resume_hint(cfg.out_dir, saved_step)}")
                 return stop.exit_status()
+            interval.restart()  # eval, save and sample are not training time
     except (CheckpointError, WriteError) as e:  # a save or a record failed: the last good checkpoint is intact
         e.args = (f"{e}; {resume_hint(cfg.out_dir, saved_step)}",)
         raise

@@ -34,11 +34,16 @@ from nanogpt2.tokenizer import VOCAB_SIZE
 # Defaults that depend on the device: a run of a few minutes on a 2-core CPU, GPT-2 124M on a GPU.
 DEVICE_DEFAULTS = {
     "cpu": dict(preset="nano", batch_size=8, seq_len=128, max_steps=200, lr=2e-3, warmup_steps=20, eval_every=50,
-                eval_batches=8, micro_batch=8, attn="torch"),
+                eval_batches=8, micro_batch=8, attn="torch", log_every=1),
     "cuda": dict(preset="gpt2", batch_size=32, seq_len=1024, max_steps=150, lr=6e-4, warmup_steps=15, eval_every=50,
-                 eval_batches=20, micro_batch=16, attn="triton"),
+                 eval_batches=20, micro_batch=None, attn="triton", log_every=10),
 }  # fmt: skip
 CPU, GPU = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
+# What one sequence position keeps for the backward, per layer and per unit of width, in bytes: an estimate for
+# bf16 autocast with an fp32 residual stream and flash attention (Korthikanti et al. 2022 count 34 for pure 16-bit
+# activations), rounded up so the estimate errs towards fitting; the CUDA micro-batch is sized with it.
+ACTIVATION_BYTES = 64
+MEMORY_HEADROOM = 0.85  # of the free memory: the allocator's fragmentation, the CUDA context, compile's workspaces
 # Flags that override the preset's config.
 MODEL_FIELDS = ("vocab_size", "n_layer", "block_size", "pos_emb", "n_kv_head", "window", "dropout")
 
@@ -86,7 +91,7 @@ class TrainConfig:
     max_steps: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, help=f"optimizer steps to train for {by_device('max_steps')}")
     batch_size: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, kind="run", help=f"GLOBAL sequences per optimizer step {by_device('batch_size')}")
     seq_len: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, kind="run", help=f"tokens per sequence (default: {CPU['seq_len']} on CPU, {GPU['seq_len']} on CUDA, at most the model's block size)")
-    grad_accum: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, help=f"micro-steps per optimizer step; batch-size must divide by grad-accum x world size (default: the most micro-steps of at least {CPU['micro_batch']} rows per rank on CPU, {GPU['micro_batch']} on CUDA, that divide the batch)")
+    grad_accum: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, help=f"micro-steps per optimizer step; batch-size must divide by grad-accum x world size (default: the most micro-steps of at least {CPU['micro_batch']} rows per rank on CPU; on CUDA the fewest whose micro-batch fits the GPU's free memory, estimated and printed at the start)")
     lr: float | None = flag(group=BATCH_AND_SCHEDULE, type=float, kind="run", help=f"peak learning rate {by_device('lr')}")
     min_lr: float | None = flag(group=BATCH_AND_SCHEDULE, type=float, kind="run", help="learning rate at the cosine decay's end (default: lr / 10)")
     warmup_steps: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, kind="run", help=f"linear warmup steps (default: max-steps / 10, at most {CPU['warmup_steps']} on CPU, {GPU['warmup_steps']} on CUDA)")
@@ -100,6 +105,7 @@ class TrainConfig:
     # evaluation, output and resuming
     eval_every: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help=f"val loss every N steps and at the end; 0: at the end only {by_device('eval_every')}")
     eval_batches: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help=f"micro-batches per val loss {by_device('eval_batches')}")
+    log_every: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help=f"print a log line every N steps (and at each eval, save and the end): only then is the device waited for and the losses read, so steps in between queue without a host sync; metrics.jsonl still gets every step, timed over the interval {by_device('log_every')}")
     sample_every: int = flag(group=EVAL_AND_OUTPUT, default=0, type=int, help="print a sample every N steps; 0: at the end only (default: 0)")
     save_every: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help="checkpoint every N steps, at the end and on Ctrl-C; 0: those two only (default: eval-every)")
     out_dir: Path | None = flag(group=EVAL_AND_OUTPUT, type=Path, kind="how", help="where the checkpoint, metrics.jsonl and run.json go (default: out)")
@@ -108,7 +114,8 @@ class TrainConfig:
     # device
     device: str = flag(group=DEVICE, default="auto", type=str, help="auto, cpu, cuda or cuda:N (default: auto: cuda if available; a resumed run keeps its own)")
     dtype: str = flag(group=DEVICE, default="auto", type=str, choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype (default: auto: bfloat16 on CUDA, float16 + GradScaler where bf16 is unsupported, float32 on CPU)")
-    compile: bool = flag(group=DEVICE, default=False, kind="how", help="torch.compile each transformer block")
+    compile: bool | None = flag(group=DEVICE, kind="how", action=argparse.BooleanOptionalAction, help="torch.compile the whole model, forward, fused loss and backward (each block, then sharded, under --fsdp); the first step's time includes compiling, printed once (default: on for CUDA, off on CPU)")
+    cuda_graphs: bool = flag(group=DEVICE, default=False, kind="how", help="replay each micro-step's compiled forward and backward as CUDA graphs (torch.compile's reduce-overhead mode: static input buffers, a capturable fused AdamW with the lr as a tensor); CUDA with --compile only")
     # parallel training
     fsdp: bool = flag(group=PARALLEL, default=False, kind="how", help="shard parameters, gradients and optimizer state (FSDP2)")
     activation_checkpointing: bool = flag(group=PARALLEL, default=False, kind="how", help="recompute each block's activations in the backward")
@@ -141,7 +148,8 @@ class TrainConfig:
         defaults = DEVICE_DEFAULTS[device.type]
         self.device = device.type if self.device == "auto" else self.device  # saved, so a resumed run keeps it
         self.attn = defaults["attn"] if self.attn == "auto" else self.attn
-        for key in ("preset", "batch_size", "max_steps", "lr", "eval_every", "eval_batches"):
+        self.compile = device.type == "cuda" if self.compile is None else self.compile
+        for key in ("preset", "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "log_every"):
             if getattr(self, key) is None:
                 setattr(self, key, defaults[key])
         if self.warmup_steps is None:  # short runs warm up over their first tenth
@@ -153,8 +161,20 @@ class TrainConfig:
         if self.seq_len is None:
             block_size = self.block_size or GPTConfig.from_preset(self.preset).block_size
             self.seq_len = min(defaults["seq_len"], block_size)
-        if self.grad_accum is None:
+        if self.grad_accum is None and defaults["micro_batch"] is not None:  # CUDA's: `fit_micro_batch`, from memory
             self.grad_accum = auto_grad_accum(self.batch_size, world_size, defaults["micro_batch"])
+
+    def fit_micro_batch(self, model: GPTConfig, device: torch.device, world_size: int) -> str | None:
+        """On CUDA with --grad-accum not given: the fewest micro-steps whose micro-batch (rows per rank) fits the
+        device's free memory by `micro_batch_fit`'s estimate; returns the line that says what it found (else None)."""
+        if self.grad_accum is not None:
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        rows, per_row = micro_batch_fit(model, self.seq_len, free)
+        self.grad_accum = fitting_grad_accum(self.batch_size, world_size, rows)
+        micro = self.batch_size // (self.grad_accum * world_size)
+        return (f"micro-batch {micro} x {self.seq_len} tokens per rank, {self.grad_accum} micro-steps: {free / 2**30:.1f} "
+                f"GiB free on {torch.cuda.get_device_name(device)} fits {rows} sequences of ~{per_row / 2**30:.2f} GiB")  # fmt: skip
 
     def model_config(self, saved: dict | None = None) -> GPTConfig:
         """The preset with the model flags' overrides (and the data's vocabulary), or a resumed run's saved config."""
@@ -179,7 +199,7 @@ class TrainConfig:
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{flag_name(key)} must be in [0, 1), got {getattr(self, key)}")
-        for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "lr", "decay_steps", "time_limit"):
+        for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "lr", "decay_steps", "time_limit", "log_every"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"{flag_name(key)} must be positive, got {getattr(self, key)}")
         for key in ("warmup_steps", "eval_every", "sample_every", "save_every", "min_lr", "weight_decay", "grad_clip"):
@@ -199,6 +219,8 @@ class TrainConfig:
             )
         if device.type == "cpu" and self.dtype == "float16":
             raise ConfigError("--dtype float16 needs CUDA; use bfloat16 or float32 on CPU")
+        if self.cuda_graphs and (device.type != "cuda" or not self.compile):
+            raise ConfigError("--cuda-graphs needs a CUDA device and --compile (it replays the compiled micro-step)")
         if self.attn == "triton" and device.type != "cuda":
             raise ConfigError("--attn triton needs a CUDA device (tests run the kernels through Triton's interpreter)")
         try:
@@ -261,6 +283,29 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def micro_batch_fit(model: GPTConfig, seq_len: int, free_bytes: int) -> tuple[int, int]:
+    """(sequences, bytes per sequence): the largest power-of-two micro-batch of seq_len-token sequences whose training
+    step fits MEMORY_HEADROOM of free_bytes, by an estimate: fp32 weights, gradients and AdamW's two moments (16 bytes
+    a parameter), the fused loss's chunk buffers and fp32 W gradient, and ACTIVATION_BYTES per position, layer and
+    unit of width. At least 1 (a step that does not fit fails with CUDA's out-of-memory error)."""
+    from nanogpt2.loss import CHUNK_ROWS
+
+    C, Vp = model.n_embd, model.padded_vocab_size
+    n_params = 12 * model.n_layer * C * C + Vp * C + (model.block_size * C if model.pos_emb == "learned" else 0)
+    fixed = 16 * n_params + CHUNK_ROWS * Vp * 6 + Vp * C * 4
+    per_row = seq_len * (model.n_layer * C * ACTIVATION_BYTES + 16 * C)  # the blocks, and h / grad_h of the loss
+    rows = max(1, int((MEMORY_HEADROOM * free_bytes - fixed) // per_row))
+    return 2 ** (rows.bit_length() - 1), per_row
+
+
+def fitting_grad_accum(batch_size: int, world_size: int, max_rows: int) -> int:
+    """The fewest micro-steps, each of at most max_rows rows per rank, into which the batch divides evenly."""
+    if batch_size % world_size != 0:
+        raise ConfigError(f"--batch-size {batch_size} does not split evenly across {world_size} ranks")
+    per_rank = batch_size // world_size
+    return next(a for a in range(math.ceil(per_rank / max_rows), per_rank + 1) if per_rank % a == 0)
+
+
 def auto_grad_accum(batch_size: int, world_size: int, micro_batch: int) -> int:
     """The most micro-steps, each of at least micro_batch rows per rank, into which the batch divides evenly."""
     if batch_size % world_size != 0:
@@ -284,7 +329,7 @@ def build_parser(description: str = "", epilog: str = "") -> argparse.ArgumentPa
         kwargs = dict(help=meta["help"], default=argparse.SUPPRESS, **meta["argparse"])
         if f.default is False:
             kwargs["action"] = "store_true"
-        else:
+        elif "action" not in kwargs:  # --compile / --no-compile come with their own action
             kwargs["type"] = meta["type"]
         groups[meta["group"]].add_argument(flag_name(f.name), **kwargs)
     return p

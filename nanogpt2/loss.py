@@ -75,7 +75,7 @@ def _linear_cross_entropy_op(
         z = torch.mm(hc[start:end], Wc.t(), out=logits[: end - start])  # (n, Vp)
         if logits_acc is not logits:
             z = logits_acc[: end - start].copy_(z)
-        z[:, vocab_size:] = -torch.inf  # padding: exp(-inf) = 0, outside the softmax
+        z[:, vocab_size:].fill_(-torch.inf)  # padding: exp(-inf) = 0, outside the softmax
         lp = _log_softmax_(z)  # (n, Vp) in acc_dtype
         logp[start:end] = lp[r, t]
         if not with_grad:

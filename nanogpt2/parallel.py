@@ -84,19 +84,27 @@ def parallelize(
     dtype: torch.dtype = torch.float32,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    compile_mode: str | None = None,
 ) -> nn.Module:
     """Prepare `model` (already on env.device) for `mode` ("plain", "ddp", "fsdp"), in torchtitan's order:
-    activation checkpointing of each block, then compiling each block, then wrapping (DDP) or sharding (FSDP).
+    activation checkpointing of each block, then compiling, then wrapping (DDP) or sharding (FSDP).
 
-    Blocks are changed in place (`Module.compile`, an instance-level forward), so parameter names stay the same. Under
-    FSDP with a low-precision `dtype`, parameters are all-gathered and computed in it, gradients reduced in fp32.
-    FSDP shards `model` in place, so build the optimizer after this; DDP returns a wrapper around `model`.
+    Compiling (`compile_mode`: torch.compile's mode, e.g. "reduce-overhead" for CUDA graphs) takes the whole model as
+    one graph (forward, fused loss and backward: cross-block fusion) for plain and DDP, as nanoGPT does: the returned
+    module is compiled, `model` itself stays eager (sampling, checkpoints). FSDP compiles each block in place
+    (`Module.compile`) before sharding it, as torchtitan does, since its per-block all-gathers sit between blocks.
+    Parameter names stay the same in every mode. Under FSDP with a low-precision `dtype`, parameters are all-gathered
+    and computed in it, gradients reduced in fp32. FSDP shards `model` in place, so build the optimizer after this;
+    DDP returns a wrapper around `model`.
     """
     for block in model.transformer.h:
         if activation_checkpointing:  # recompute each block's activations in the backward
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-        if compile:
-            block.compile()
+        if compile and mode == "fsdp":
+            block.compile(mode=compile_mode)
+    if compile and mode != "fsdp":
+        # Compiled inside DDP's wrapper, as nanoGPT does, so DDP's hooks and no_sync() work as in eager mode.
+        model = torch.compile(model, mode=compile_mode)
     if mode == "plain":
         return model
     if mode == "ddp":
@@ -128,15 +136,17 @@ def grad_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for t in tensors:
-        total += torch.linalg.vector_norm(t, dtype=torch.float64).square()
-    return total
+def _norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The L2 norm of every element of `tensors` together, in float64, on `device`: three kernels
+    (`_foreach_norm` launches one per dtype and device group), whatever the number of tensors."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)))
 
 
-def grad_norm(grads: list[torch.Tensor]) -> float:
-    """The global L2 norm of `grads`, summed in float64, so it is the same number however the gradients are sharded.
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of `grads` as a float64 scalar on their device (no host sync), summed in float64, so it is the
+    same number however the gradients are sharded.
 
     FSDP's gradients are DTensors sharded over one mesh: each rank sums the squares of its own shards and the sums are
     all-reduced over that mesh. Plain tensors (one process, DDP's already all-reduced gradients) are whole on every
@@ -144,30 +154,32 @@ def grad_norm(grads: list[torch.Tensor]) -> float:
     one process in 10 steps.
     """
     if not grads:
-        return 0.0
+        return torch.zeros((), dtype=torch.float64)
     sharded = [g for g in grads if hasattr(g, "to_local")]
-    total = _sum_of_squares([g for g in grads if not hasattr(g, "to_local")], grads[0].device)
+    norm = _norm([g for g in grads if not hasattr(g, "to_local")], grads[0].device)
     if sharded:
-        shards = _sum_of_squares([g.to_local() for g in sharded], grads[0].device)
+        shards = _norm([g.to_local() for g in sharded], grads[0].device).square()
         if is_distributed():
             dist.all_reduce(shards, group=sharded[0].device_mesh.get_group())
-        total += shards
-    return total.sqrt().item()
+        norm = (norm.square() + shards).sqrt()
+    return norm
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm to max_norm (0: no clipping) in any mode; returns the norm before clipping.
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to max_norm (0: no clipping) in any mode; returns the norm before clipping, a
+    float64 scalar on the device: nothing waits for the device.
 
-    As torch.nn.utils.clip_grad_norm_ does, gradients are scaled by max_norm / (norm + 1e-6) where that is below 1,
-    with the norm from `grad_norm`, which every mode and world size computes alike. A non-finite norm scales nothing:
-    the step is skipped (train.py, or fp16's GradScaler).
+    As torch.nn.utils.clip_grad_norm_(foreach=True) does, gradients are scaled by min(1, max_norm / (norm + 1e-6)), a
+    factor that stays on the device, with the norm from `grad_norm`, which every mode and world size computes alike.
+    A non-finite norm makes the gradients non-finite: train.py stops the run before saving them (fp16's GradScaler
+    skips such a step itself).
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = grad_norm(grads)
-    scale = max_norm / (norm + 1e-6) if max_norm else 1.0
-    if scale < 1.0:
-        for g in grads:
-            g.mul_(scale)
+    if max_norm and grads:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        torch._foreach_mul_(local, scale.to(local[0].dtype))
     return norm
 
 

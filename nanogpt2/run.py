@@ -2,7 +2,7 @@
 
 What train.py writes besides the checkpoint (checkpoint.py's) lives here: the run record (config, versions, device, git
 commit), the output directory's preparation and lock, the metrics log (trimmed on resume so every step is logged
-once), peak FLOPs for MFU, peak memory and the run's headline numbers; and the requests to stop early (a signal, the
+once), peak memory and the run's headline numbers; and the requests to stop early (a signal, the
 time limit) with the line that says where to resume. Nothing here trains or changes a model.
 """
 
@@ -33,7 +33,6 @@ from nanogpt2.parallel import is_distributed, print0
 
 # What a run that failed before its first checkpoint leaves, removed when a fresh run takes its directory over.
 STALE_RECORDS = ("metrics.jsonl", "run.json", "summary.json")
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, for MFU
 
 
 def git_commit() -> str:
@@ -78,14 +77,6 @@ def run_line(record: dict, record_path: Path) -> str:
         f"{args['seq_len']} tokens, lr {args['lr']:g} | {record['device']}, {record['dtype']}, attn {args['attn']}, "
         f"{record['parallel']} x {record['world_size']} | full record: {record_path}"
     )
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak FLOP/s, where known (for MFU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def holder_pid(path: Path) -> int | None:

@@ -1,5 +1,5 @@
-"""What a process runs on and how long it lives: the device and compute dtype, the CPU allocator, waiting for the
-device, and dying with torchrun's launcher. Parallelism itself is parallel.py's.
+"""What a process runs on and how long it lives: the device and compute dtype, its peak FLOP/s, the CPU allocator,
+waiting for the device, and dying with torchrun's launcher. Parallelism itself is parallel.py's.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import sys
 
@@ -17,6 +18,18 @@ PR_SET_PDEATHSIG = 1  # prctl(2)
 # its top, no mmap'd blocks, and each growth of the heap by 256 MB more than asked for.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
 MALLOC_SETTINGS = {M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 2**28, M_MMAP_MAX: 0}
+# Dense (no sparsity) bf16 tensor-core peaks, for MFU, matched against torch.cuda.get_device_name in this order (the
+# first match wins, so variants come before their family). Sources: NVIDIA's datasheets, whose bf16 figures are quoted
+# "with sparsity": halved here.
+PEAK_BF16_FLOPS = (
+    (r"H100.*PCIe", 756e12),  # H100 PCIe datasheet: 1,513 TFLOPS with sparsity
+    (r"H[12]00 NVL", 835e12),  # H100 NVL / H200 NVL datasheets: 1,671 TFLOPS with sparsity
+    (r"H100|H200", 989e12),  # H100 SXM and H200 SXM datasheets (GH200 included): 1,979 TFLOPS with sparsity
+    (r"A100", 312e12),  # A100 datasheet (SXM and PCIe): 624 TFLOPS with sparsity
+    (r"L40S", 362e12),  # L40S datasheet: 733 TFLOPS with sparsity
+    (r"\bA10\b", 125e12),  # A10 datasheet: 250 TFLOPS with sparsity (the A10G has no published figure)
+    (r"\bL4\b", 121e12),  # L4 datasheet: 242 TFLOPS with sparsity
+)
 
 
 def parse_device(name: str) -> torch.device:
@@ -41,6 +54,19 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak FLOP/s, for MFU; None on CPU and for a card not in PEAK_BF16_FLOPS (no MFU shown
+    rather than a wrong one)."""
+    if device.type != "cuda":
+        return None
+    return card_peak_flops(torch.cuda.get_device_name(device))
+
+
+def card_peak_flops(name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of the card torch.cuda.get_device_name calls `name`, or None when unknown."""
+    return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, name)), None)
 
 
 def synchronize(device: torch.device) -> None:

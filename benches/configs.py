@@ -40,7 +40,7 @@ def attention_and_grads(fn, q, k, v, dout, window):
 
 def check(case: tuple, dtype: torch.dtype, configs: dict, path: dict, device: str) -> dict:
     """Run the op with the forced configs on one case; the error of each output against the float64 reference."""
-    from nanogpt2.kernels import attention
+    from nanogpt2.kernels import attention, tuning
     from nanogpt2.kernels.reference import flash_attention_ref
 
     B, T, H, Hkv, D, window = case
@@ -48,7 +48,7 @@ def check(case: tuple, dtype: torch.dtype, configs: dict, path: dict, device: st
     qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g, device=device, dtype=dtype)
     q, k, v = (t.view(B, T, -1, D).detach().requires_grad_() for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
     dout = torch.randn(B, T, H, D, generator=g, device=device, dtype=dtype)
-    with attention.forced_configs(**configs):
+    with tuning.forced_configs(**configs):
         got = attention_and_grads(
             lambda *a, **kw: attention.flash_attention(*a, **kw, **path), q, k, v, dout, window
         )  # fmt: skip
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     args = common.parser(
         __doc__, "write every run to this JSON file (rewritten after each run)", "start no run after S seconds"
     ).parse_args(argv)
-    device = common.select_device(args.dry_run, "bench.configs")
+    device = common.select_device(args.dry_run, "benches.configs")
     os.environ["NANOGPT2_AUTOTUNE"] = "0"  # nothing autotunes: every launch here is forced
-    from nanogpt2.kernels import attention
+    from nanogpt2.kernels import tuning
 
     deadline = time.monotonic() + args.deadline
     runs, failed, skipped = [], 0, 0
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in (torch.bfloat16, torch.float16)
         for case_name in CASES
         for path_name in PATHS
-        for i in range(max(len(tiles) for lists in attention.TILES.values() for tiles in lists.values()))
+        for i in range(max(len(tiles) for lists in tuning.TILES.values() for tiles in lists.values()))
     ]
     if args.dry_run:  # the interpreter is slow: two config sets per case and path, bf16
         plan = [p for p in plan if p[0] == torch.bfloat16 and p[3] < 2]
@@ -88,13 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         D, group = case[4], case[2] // case[3]
         configs, names = {}, {}
         path = PATHS[path_name]
-        for kernel in attention.TILES:
+        for kernel in tuning.TILES:
             if kernel == "dq" and not path["deterministic"]:
                 continue  # the atomic path has no dQ kernel
-            allowed = attention.allowed_tiles(kernel, D, group, path["tma"], not path["deterministic"])
+            allowed = tuning.allowed_tiles(kernel, D, group, path["tma"], not path["deterministic"])
             if allowed:  # none: the op falls back to a path that has configs (and autotunes it to its first)
                 tile = allowed[i % len(allowed)]
-                configs[kernel] = tile.config()
+                configs[kernel] = tile
                 names[kernel] = f"{tile.block_m}x{tile.block_n} w{tile.warps} s{tile.stages}"
         run = {"dtype": str(dtype).removeprefix("torch."), "case": case_name, "path": path_name, "configs": names}
         if time.monotonic() > deadline:

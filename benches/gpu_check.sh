@@ -6,10 +6,10 @@
 #   GPU_CHECK_BUDGET_S=400 GPU_CHECK_SKIP="configs" bash benches/gpu_check.sh   # a shorter rerun: budget, steps left out
 # Steps, in priority order, each under its own timeout (a failure is reported, never fatal): 1. machine and versions;
 # 2. wheels from .whl/ (the GPU machine has no network); 3. every autotune config of every attention kernel, forced
-# one at a time, against the reference (bench.configs); 4. the attention and RoPE test files; 5. benchmarks of every
-# candidate path against SDPA / FlexAttention / eager RoPE (bench.kernels); 6. GPT-2 training, --attn triton vs
+# one at a time, against the reference (benches.configs); 4. the attention and RoPE test files; 5. benchmarks of every
+# candidate path against SDPA / FlexAttention / eager RoPE (benches.kernels); 6. GPT-2 training, --attn triton vs
 # torch; 7. the training step with the fused loss against the full logits, over micro-batches up to ones the full
-# logits cannot fit (bench.train_loss); 8. the verdict (bench.summary): PASS/FAIL per target, RESULTS_DIR/summary.md
+# logits cannot fit (benches.train_loss); 8. the verdict (benches.summary): PASS/FAIL per target, RESULTS_DIR/summary.md
 # and defaults.json; 9. the rest of the test suite, only with the time left. Logs: RESULTS_DIR/<step>.log.
 set -u
 cd "$(dirname "$0")/.."

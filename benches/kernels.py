@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--only", choices=["attention", "rope"], help="one kernel's benchmarks (default: both)")
     args = parser.parse_args(argv)
-    common.select_device(args.dry_run, "bench.kernels")
+    common.select_device(args.dry_run, "benches.kernels")
     bench = Bench(args.dry_run)
     deadline = time.monotonic() + args.deadline
     attention_cases, rope_cases = dry_run_cases() if args.dry_run else (ATTENTION_CASES, ROPE_CASES)

@@ -3,7 +3,7 @@
     python -m benches.summary RESULTS_DIR
 
 Reads what benches/gpu_check.sh leaves in RESULTS_DIR (configs.json from benches.configs, bench_kernels.json from
-bench.kernels, train-*.metrics.jsonl from train.py, train_loss.json from benches.train_loss, train_modes.json from
+benches.kernels, train-*.metrics.jsonl from train.py, train_loss.json from benches.train_loss, train_modes.json from
 benches.train_modes) and writes
 RESULTS_DIR/summary.md (ready to paste into BENCHMARKS.md) and RESULTS_DIR/defaults.json (the measured fastest
 attention code path, to set the defaults in kernels/tuning.py from data). Prints the target table last.

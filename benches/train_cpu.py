@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = {variant: [] for variant in args.variants}
     for _ in range(args.rounds):  # variants take turns, so a change in the machine's load hits them all alike
         for variant in args.variants:
-            child = [sys.executable, "-m", "bench.train_cpu", "--child", variant, "--steps", str(args.steps)]
+            child = [sys.executable, "-m", "benches.train_cpu", "--child", variant, "--steps", str(args.steps)]
             child += ["--warmup", str(args.warmup), "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
             child += ["--chunk-rows", str(args.chunk_rows)] if args.chunk_rows else []
             done = subprocess.run(child, capture_output=True, text=True, check=False)

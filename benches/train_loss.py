@@ -105,7 +105,7 @@ def analyse(runs: list[dict]) -> dict:
 
 def table(data: dict) -> tuple[list[str], list[list[str]]]:
     """The header and the rows (one per micro-batch) of a result's table, as strings: printed here, and written as
-    markdown by bench.summary."""
+    markdown by benches.summary."""
     seq_len, peak = data["settings"]["seq_len"], "peak RSS GiB" if data["device"] == "cpu (dry run)" else "peak GiB"
     header = ["batch", "tokens"] + [f"{v} {c}" for v in VARIANTS for c in ("ms/step", "tokens/s", peak)]
     by_key = {(r["variant"], r["batch"]): r for r in data["runs"]}
@@ -135,7 +135,7 @@ def print_table(data: dict) -> None:
 
 def spawn(variant: str, batch: int, settings: dict, dry_run: bool) -> dict:
     """One run in a fresh process: its summarized result, or status "failed" with the last line of its error."""
-    child = [sys.executable, "-m", "bench.train_loss", "--child", variant, "--preset", settings["preset"]]
+    child = [sys.executable, "-m", "benches.train_loss", "--child", variant, "--preset", settings["preset"]]
     child += ["--batches", str(batch), "--seq-len", str(settings["seq_len"]), "--steps", str(settings["steps"])]
     child += ["--warmup", str(settings["warmup"]), *(["--dry-run"] if dry_run else [])]
     done = subprocess.run(child, capture_output=True, text=True, check=False)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     # A parent runs each (variant, first of --batches) as a child: one run, its result as JSON on the last line.
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    device = common.select_device(args.dry_run, "bench.train_loss")
+    device = common.select_device(args.dry_run, "benches.train_loss")
     preset = args.preset or ("pico" if args.dry_run else "gpt2")
     seq_len = args.seq_len or (64 if args.dry_run else 1024)
     batches = args.batches or list(DRY_RUN_BATCHES if args.dry_run else BATCHES)

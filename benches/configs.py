@@ -1,13 +1,14 @@
-"""Correctness of EVERY autotune config of every attention kernel, forced one at a time, on a GPU.
+"""Correctness of EVERY GPU config (tuning.TILES) of every attention kernel, forced one at a time, on a GPU.
 
     python -m benches.configs --json RESULTS/configs.json [--deadline 150]
     python -m benches.configs --dry-run          # CPU interpreter, tiny cases: exercises the code only
 
 The tests run one config per kernel (NANOGPT2_AUTOTUNE=0); a pipelining or layout bug that shows only for some tile
-shape on real hardware would hide there. Here every (forward, dK/dV, dQ) config runs on every code path (TMA or
-pointer loads; atomic or deterministic dQ) on ragged T with GQA and a window, at head dims 64 and 128, in bf16 and
-fp16, against a float64 reference with flash-attention's criterion (|err| <= 2 |err of PyTorch in the same dtype| +
-1e-3, 3x for dq). The i-th configs of the three kernels run together, so each config compiles once per case and path.
+shape on real hardware would hide there. Here every (forward, dK/dV, dQ) config runs on every code path its Tile
+lists (TMA or pointer loads; atomic or deterministic dQ) on ragged T with GQA and a window, at head dims 64 and 128,
+in bf16 and fp16, against a float64 reference with flash-attention's criterion (|err| <= 2 |err of PyTorch in the
+same dtype| + 1e-3, 3x for dq). The i-th configs of the three kernels run together, so each config compiles once
+per case and path.
 Exit status 1 when any run fails or is wrong.
 """
 

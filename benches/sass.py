@@ -1,21 +1,28 @@
-"""Static sm_90 report of the kernels, on any machine (no GPU needed): compile every autotune config of every kernel
-for an H100/H200 with Triton's bundled ptxas and print registers, spill bytes, shared memory, and whether the PTX
-uses Hopper's tensor-core (wgmma) and TMA (cp.async.bulk.tensor) instructions.
+"""Static sm_90 report of the kernels, on any machine (no GPU needed): compile every config of every kernel for an
+H100/H200 with the ptxas bundled with the installed Triton and print registers, spill bytes, shared memory, whether
+ptxas serializes the wgmma instructions (its warning C7515: each tensor-core op then waits for the previous one),
+and whether the PTX uses Hopper's tensor-core (wgmma) and TMA (cp.async.bulk.tensor) instructions.
 
-    python -m benches.sass                        # bf16, head dims 64 and 128, every path: the table
+    python -m benches.sass                        # bf16, head dims 64 and 128, every path, RoPE off and on: the table
     python -m benches.sass --head-dims 16 32 64 128 --dtypes bf16 fp16 --json sass.json
-    python -m benches.sass --choosable            # only what the autotuner may choose
-    python -m benches.sass --quick                # tests/test_sass.py's set: the choosable TMA-path configs
+    python -m benches.sass --choosable            # only what a launch may choose
+    python -m benches.sass --quick                # tests/test_sass.py's set
+    python -m benches.sass --compare a.json b.json  # two runs' JSON (e.g. two triton versions) side by side
 
-Exit status 1 when a config the autotuner may choose spills registers or a bf16/fp16 attention kernel lacks wgmma.
-Compiled as a launch would specialize: unit last strides, 16-byte aligned pointers and strides, T a multiple of 16
-(as at T = 1024), G == 1 (MHA) or not (GQA). Needs triton >= 3.9's compiler API (ASTSource with attrs); run it without
-TRITON_INTERPRET.
+Exit status 1 when a config a launch may choose fails to compile, spills registers or serializes wgmma (fp16/bf16),
+or a 16-bit attention kernel lacks wgmma. Kernels with a ROPE switch compile with it off and on (the fused inverse
+rotation must not cost spills either). Compiled as a launch at GPT-2's shape specializes: unit last strides, 16-byte
+aligned pointers and strides, T and the window multiples of 16 (T = 1024), G == 1 (MHA) or not (GQA).
+Works with triton 3.6 to 3.9 (the same compiler API: ASTSource with attrs, GPUTarget, TRITON_DUMP_PTXAS_LOG).
+Results are kept in a cache file per triton version, keyed by the kernels' source, so a rerun compiles only what
+changed. Run it without TRITON_INTERPRET.
 """
 
 import argparse
 import contextlib
+import hashlib
 import io
+import json
 import multiprocessing
 import os
 import re
@@ -30,28 +37,35 @@ os.environ.pop("TRITON_INTERPRET", None)  # before kernels import triton's jit: 
 if "NANOGPT2_SASS_CACHE" not in os.environ:  # a fresh cache (a cache hit logs no ptxas report), shared with workers
     os.environ["NANOGPT2_SASS_CACHE"] = os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="sass-cache-")
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated (else it warns per compile)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from benches import common  # noqa: E402
-from nanogpt2.kernels import attention, rope  # noqa: E402
+from nanogpt2.files import user_cache_home  # noqa: E402
+from nanogpt2.kernels import attention, rope, tuning  # noqa: E402
 
-_INT_ARGS = ("T", "H", "G", "HKV", "WINDOW", "BH_BUCKET")
-_FP32_POINTERS = ("LSE", "DELTA", "DQ_ACC", "cos_ptr", "sin_ptr")
+_INT_ARGS = ("T", "H", "G", "HKV", "WINDOW")
+_DIVISIBLE_INTS = ("T", "WINDOW")  # multiples of 16 at GPT-2's shape (T = 1024, W = 1024 or 256), as a launch sees
+_FP32_POINTERS = ("LSE", "DELTA", "DQ_ACC", "COS", "SIN", "cos_ptr", "sin_ptr")
 _SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on sm_90
+_SERIALIZED = re.compile(r"wgmma\.mma_async instructions are serialized due to (.*?)(?: in the function|\.\s*$)", re.M)
+# GPT-2's shape: what the fixed-tile kernels (RoPE's blocks depend on the heads) are compiled for.
+_T, _H = 1024, 12
 
 
 class Variant(NamedTuple):
-    """One compilation: a kernel, its constexprs (config included), warps, stages, and whether the autotuner may
-    choose it (a spill there fails the check)."""
+    """One compilation: a kernel, its constexprs (config included), warps, stages, and whether a launch may choose
+    it (a spill or a serialized wgmma there fails the check)."""
 
     kernel: str
     dtype: str
     head_dim: int
     group: int
-    path: str  # "tma" / "ptr", with "+atomic" / "+det" for the dK/dV kernel
+    path: str  # tuning's path name: "tma" / "ptr", "+atomic" for the dK/dV kernel's atomic dQ
+    rope: bool
     tile: str  # "BLOCK_MxBLOCK_N wW sS"
     constexprs: dict
     warps: int
@@ -67,65 +81,76 @@ class Report(NamedTuple):
     shared: int
     wgmma: bool
     tma: bool
+    serialized: str = ""  # why ptxas serialized the wgmma instructions (C7515), "" when they run async
     error: str = ""
 
 
+def _with_rope(v: Variant) -> list[Variant]:
+    """The variant with ROPE off and on when its kernel has the switch, else itself."""
+    fn = _KERNELS[v.kernel]
+    if "ROPE" not in fn.arg_names:
+        return [v]
+    return [v._replace(rope=r, constexprs=v.constexprs | {"ROPE": r}) for r in (False, True)]
+
+
 def _tile_variants(dtypes: list[str], head_dims: list[int], choosable_only: bool) -> list[Variant]:
-    """The autotuned kernels over every Tile (and fp32's small one), paths, head dims, dtypes and MHA/GQA."""
+    """The tuned kernels over every Tile (and fp32's small one), paths, head dims, dtypes, MHA/GQA and RoPE."""
     out = []
     for dtype in dtypes:
         for head_dim in head_dims:
             for kernel, group, tma, atomic in (
-                *[("fwd", 1, tma, False) for tma in (True, False)],
+                *[("fwd", g, tma, False) for g in (1, 3) for tma in (True, False)],
                 *[("dkdv", g, tma, at) for g in (1, 3) for tma in (True, False) for at in (True, False)],
-                *[("dq", 1, tma, False) for tma in (True, False)],
+                *[("dq", g, tma, False) for g in (1, 3) for tma in (True, False)],
             ):
                 if dtype == "fp32":
-                    tiles = allowed = [attention.SMALL_TILES[kernel]]
+                    if group > 1:
+                        continue
+                    tiles = allowed = [tuning.SMALL_TILES[kernel]]
                 else:
-                    tiles = attention.TILES[kernel][(64 if head_dim <= 64 else 128, group > 1)]
-                    allowed = attention.allowed_tiles(kernel, head_dim, group, tma, atomic)
+                    tiles = tuning.TILES[kernel][(64 if head_dim <= 64 else 128, group > 1)]
+                    allowed = tuning.allowed_tiles(kernel, head_dim, group, tma, atomic)
+                path = tuning.path_name(tma, atomic and kernel == "dkdv")
                 for tile in tiles:
                     if choosable_only and tile not in allowed:
                         continue
-                    path = ("tma" if tma else "ptr") + (("+atomic" if atomic else "+det") if kernel == "dkdv" else "")
                     constexprs = dict(
                         HEAD_DIM=head_dim, IS_CAUSAL=True, USE_TMA=tma, ATOMIC_DQ=atomic, UPCAST=False,
-                        ROUND_BF16=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                        ROUND_BF16=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **_blocks(tile),
                     )  # fmt: skip
                     if group == 1:
                         constexprs["G"] = 1
+                    constexprs = {k: val for k, val in constexprs.items() if k in _KERNELS[kernel].arg_names}
                     name = f"{tile.block_m}x{tile.block_n} w{tile.warps} s{tile.stages}"
-                    out.append(
-                        Variant(kernel, dtype, head_dim, group, path, name, constexprs, tile.warps, tile.stages,
-                                tile in allowed)
-                    )  # fmt: skip
+                    variant = Variant(kernel, dtype, head_dim, group, path, False, name, constexprs, tile.warps,
+                                      tile.stages, tile in allowed)  # fmt: skip
+                    out += _with_rope(variant)
     return out
 
 
+def _blocks(tile) -> dict:
+    return {k: v for k, v in tile.meta().items() if k.startswith("BLOCK_")}
+
+
 def _other_variants(dtypes: list[str], head_dims: list[int]) -> list[Variant]:
-    """The kernels launched with fixed tiles: the backward's preprocess and dQ convert, RoPE."""
+    """The kernels launched with fixed tiles: the backward's preprocess and dQ convert, RoPE (at GPT-2's heads)."""
     out = []
     for dtype in dtypes:
         for head_dim in head_dims:
+            rows = attention._ROWS
+            blocks = rope._blocks(_T, _H, _H, head_dim)
             for kernel, constexprs, warps in (
-                ("preprocess", dict(HEAD_DIM=head_dim, ZERO_DQ=True, BLOCK_M=128), 4),
-                ("dq_convert", dict(HEAD_DIM=head_dim, ROUND_BF16=False, BLOCK_M=128), 4),
+                ("preprocess", dict(HEAD_DIM=head_dim, ZERO_DQ=True, BLOCK_M=rows["BLOCK_M"]), rows["num_warps"]),
+                ("dq_convert", dict(HEAD_DIM=head_dim, ROUND_BF16=False, BLOCK_M=rows["BLOCK_M"]), rows["num_warps"]),
                 (
                     "rope",
-                    dict(
-                        HALF=head_dim // 2,
-                        BLOCK_T=8,
-                        BLOCK_H=16,
-                        BLOCK_HALF=head_dim // 2,
-                        INVERSE=False,
-                        ROUND_BF16=False,
-                    ),
-                    4,
-                ),  # fmt: skip
+                    dict(HALF=head_dim // 2, INVERSE=False, ROUND_BF16=False, **_blocks(blocks)),
+                    blocks.meta()["num_warps"],
+                ),
             ):
-                out.append(Variant(kernel, dtype, head_dim, 1, "ptr", "fixed", constexprs, warps, 1, True))
+                out += _with_rope(
+                    Variant(kernel, dtype, head_dim, 1, "ptr", False, "fixed", constexprs, warps, 1, True)
+                )
     return out
 
 
@@ -151,28 +176,29 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             sig[a] = "*" + dtype
         else:
             sig[a] = "fp32" if a.endswith("scale") else "i32"
-        if sig[a].startswith("*") or a.startswith("stride_") or a == "T":
+        if sig[a].startswith("*") or a.startswith("stride_") or a in _DIVISIBLE_INTS:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
 
 def compile_variant(v: Variant) -> Report:
     """Compile one variant for sm_90 and read ptxas's report and the PTX."""
-    kernel = _KERNELS[v.kernel]
-    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction under an autotuner
+    fn = _KERNELS[v.kernel]
     sig, attrs = _signature(fn, v.dtype, v.constexprs)
-    src = ASTSource(fn, sig, constexprs=v.constexprs, attrs=attrs)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(
-                src, target=GPUTarget("cuda", 90, 32), options={"num_warps": v.warps, "num_stages": v.stages}
+                ASTSource(fn, sig, constexprs=v.constexprs, attrs=attrs),
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": v.warps, "num_stages": v.stages},
             )
     except Exception as e:  # a config that does not compile is a finding, not a crash of the report
-        return Report(v, 0, 0, 0, 0, False, False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return Report(v, 0, 0, 0, 0, False, False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     text = log.getvalue()
     used = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    serialized = _SERIALIZED.search(text)
     ptx = compiled.asm["ptx"]
     return Report(
         v,
@@ -182,19 +208,23 @@ def compile_variant(v: Variant) -> Report:
         compiled.metadata.shared,
         "wgmma" in ptx,
         "cp.async.bulk.tensor" in ptx,
+        serialized.group(1).strip() if serialized else "",
     )
 
 
 def problems(r: Report) -> list[str]:
-    """What is wrong with a compiled variant: a choosable config that fails, spills or overflows shared memory, or
-    a 16-bit attention kernel with dots but no wgmma (the TMA paths must also use TMA). fp32's spills are reported,
-    not failed: its IEEE dots run on FMA units, a correctness path that no tile size makes spill-free."""
+    """What is wrong with a compiled variant: a choosable config that fails, spills, serializes wgmma or overflows
+    shared memory, or a 16-bit attention kernel with dots but no wgmma (the TMA paths must also use TMA). fp32's
+    spills are reported, not failed: its IEEE dots run on FMA units, a correctness path that no tile size makes
+    spill-free."""
     v = r.variant
     if r.error:
         return [r.error] if v.choosable else []
     found = []
     if v.choosable and v.dtype != "fp32" and (r.spill_stores or r.spill_loads or r.registers < 0):
         found.append(f"spills {r.spill_stores}/{r.spill_loads} B")
+    if v.choosable and v.dtype != "fp32" and r.serialized:
+        found.append(f"C7515 wgmma serialized due to {r.serialized}")
     if r.shared > _SHARED_LIMIT:
         found.append(f"{r.shared} B of shared memory")
     if v.dtype != "fp32" and v.kernel in ("fwd", "dkdv", "dq") and not r.wgmma:
@@ -205,84 +235,143 @@ def problems(r: Report) -> list[str]:
 
 
 def print_header() -> None:
-    print(f"{'kernel':<11}{'dtype':<6}{'D':>4}{'G':>3}  {'path':<11}{'tile':<17}{'regs':>5}{'spill st/ld':>13}"
-          f"{'smem KiB':>10}  wgmma  tma  choosable  problems")  # fmt: skip
+    print(f"{'kernel':<11}{'dtype':<6}{'D':>4}{'G':>3}  {'path':<11}{'rope':<5}{'tile':<17}{'regs':>5}"
+          f"{'spill st/ld':>13}{'smem KiB':>10}  C7515  wgmma  tma  choosable  problems")  # fmt: skip
 
 
 def print_row(r: Report) -> None:
     v = r.variant
     spill = f"{r.spill_stores}/{r.spill_loads}"
     print(
-        f"{v.kernel:<11}{v.dtype:<6}{v.head_dim:>4}{v.group:>3}  {v.path:<11}{v.tile:<17}{r.registers:>5}"
-        f"{spill:>13}{r.shared / 1024:>10.1f}  {'yes' if r.wgmma else 'no':<7}{'yes' if r.tma else 'no':<5}"
-        f"{'yes' if v.choosable else 'no':<11}{'; '.join(problems(r))}",
+        f"{v.kernel:<11}{v.dtype:<6}{v.head_dim:>4}{v.group:>3}  {v.path:<11}{'yes' if v.rope else 'no':<5}"
+        f"{v.tile:<17}{r.registers:>5}{spill:>13}{r.shared / 1024:>10.1f}  {'yes' if r.serialized else 'no':<7}"
+        f"{'yes' if r.wgmma else 'no':<7}{'yes' if r.tma else 'no':<5}{'yes' if v.choosable else 'no':<11}"
+        f"{'; '.join(problems(r))}",
         flush=True,
     )
 
 
 def summary_markdown(reports: list[Report]) -> str:
-    """One markdown row per (kernel, dtype, head dim, group, path): how many configs the autotuner may choose, their
-    most registers and spill bytes (stores), the most spill bytes of any listed config, shared memory, wgmma, TMA."""
+    """One markdown row per (kernel, dtype, head dim, group, path, rope): how many configs a launch may choose, their
+    registers and most spill bytes (stores), the most spill bytes of any listed config, how many draw C7515
+    (choosable / listed), shared memory, wgmma, TMA."""
     groups: dict[tuple, list[Report]] = {}
     for r in reports:
         v = r.variant
-        groups.setdefault((v.kernel, v.dtype, v.head_dim, v.group, v.path), []).append(r)
+        groups.setdefault((v.kernel, v.dtype, v.head_dim, v.group, v.path, v.rope), []).append(r)
     lines = [
-        "| kernel | dtype | D | G | path | choosable / listed | registers | spill B (choosable) | spill B (any) "
-        "| smem KiB | wgmma | TMA |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | dtype | D | G | path | RoPE | choosable / listed | registers | spill B (choosable) | spill B (any) "
+        "| C7515 (choosable / listed) | smem KiB | wgmma | TMA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (kernel, dtype, d, g, path), rs in groups.items():
+    for (kernel, dtype, d, g, path, with_rope), rs in groups.items():
         chosen = [r for r in rs if r.variant.choosable and not r.error]
         regs = "-" if not chosen else f"{min(r.registers for r in chosen)}-{max(r.registers for r in chosen)}"
-        spill = max((r.spill_stores for r in chosen), default=0)
         lines.append(
-            f"| {kernel} | {dtype} | {d} | {g} | {path} | {len(chosen)} / {len(rs)} | {regs} | {spill} "
-            f"| {max(r.spill_stores for r in rs)} | {max(r.shared for r in rs) / 1024:.0f} "
-            f"| {'yes' if all(r.wgmma for r in rs) else 'no'} | {'yes' if all(r.tma for r in rs) else 'no'} |"
+            f"| {kernel} | {dtype} | {d} | {g} | {path} | {'yes' if with_rope else 'no'} | {len(chosen)} / {len(rs)} "
+            f"| {regs} | {max((r.spill_stores for r in chosen), default=0)} | {max(r.spill_stores for r in rs)} "
+            f"| {sum(bool(r.serialized) for r in chosen)} / {sum(bool(r.serialized) for r in rs)} "
+            f"| {max(r.shared for r in rs) / 1024:.0f} | {'yes' if all(r.wgmma for r in rs) else 'no'} "
+            f"| {'yes' if all(r.tma for r in rs) else 'no'} |"
         )
     return "\n".join(lines)
 
 
 def quick_variants() -> list[Variant]:
-    """tests/test_sass.py's set (about 30 compilations): what the autotuner may choose on the TMA paths, which
-    training takes, at the head dim with the most registers (128), plus the GQA dK/dV kernel at 64."""
+    """tests/test_sass.py's set: what a launch may choose in bf16 at the head dim with the most registers in each
+    tile list (64 and 128), on every path, with RoPE where the kernel has it (its epilogue is the larger), and the
+    fixed-tile kernels at 128."""
     variants = _tile_variants(["bf16"], [64, 128], True)
-    variants = [
-        v for v in variants if v.path.startswith("tma") and (v.head_dim == 128 or (v.kernel == "dkdv" and v.group > 1))
-    ]
-    return variants + _other_variants(["bf16"], [128])
+    variants = [v for v in variants if v.rope or "ROPE" not in _KERNELS[v.kernel].arg_names]
+    return variants + [v for v in _other_variants(["bf16"], [128]) if v.rope or v.kernel != "dq_convert"]
 
 
-def run(variants: list[Variant], jobs: int) -> list[Report]:
-    """Compile the variants in `jobs` processes, printing each row as it comes."""
+def _cache_key(v: Variant) -> str:
+    """What a compilation depends on: the triton version (its ptxas included), the kernel's source and the source of
+    every function it calls (JITFunction.cache_key), and the variant's arguments."""
+    fields = (triton.__version__, _KERNELS[v.kernel].cache_key, v.dtype, sorted(v.constexprs.items()), v.warps,
+              v.stages)  # fmt: skip
+    return hashlib.sha256(repr(fields).encode()).hexdigest()
+
+
+def run(variants: list[Variant], jobs: int, cache: Path | None) -> list[Report]:
+    """Compile the variants in `jobs` processes (those in the `cache` file are read from it), printing each row."""
     print_header()
+    known = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+    keys = [_cache_key(v) for v in variants]
+    todo = [v for v, key in zip(variants, keys, strict=True) if key not in known]
     reports = []
     # spawn, not fork: a forked child of a process that already ran triton can deadlock
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for report in pool.map(compile_variant, variants):
+        compiled = iter(pool.map(compile_variant, todo))
+        for v, key in zip(variants, keys, strict=True):
+            if key in known:
+                report = Report(v, **known[key])
+            else:
+                report = next(compiled)
+                if not report.error and cache is not None:
+                    known[key] = {k: val for k, val in report._asdict().items() if k != "variant"}
+                    common.write_json(cache, known)
             print_row(report)
             reports.append(report)
     return reports
+
+
+def compare_markdown(runs: list[tuple[str, list[dict]]]) -> str:
+    """One markdown row per compiled config, one column group per run (a `--json` file): registers, spill bytes
+    (stores / loads), and C7515 (serialized wgmma); `*` marks a config a launch may choose in the first run."""
+    fields = ("kernel", "dtype", "head_dim", "group", "path", "rope", "tile")
+    tables = [{tuple(row[f] for f in fields): row for row in rows} for _, rows in runs]
+    head = "| kernel | dtype | D | G | path | RoPE | tile | " + " | ".join(
+        f"{name} regs | spills | C7515" for name, _ in runs
+    )
+    lines = [head + " |", "|---" * (len(fields) + 3 * len(runs)) + "|"]
+    for key, first in tables[0].items():
+        cells = []
+        for table in tables:
+            row = table.get(key)
+            if row is None:
+                cells += ["-"] * 3
+            elif row["error"]:
+                cells += ["error", "", ""]
+            else:
+                cells += [str(row["registers"]), f"{row['spill_stores']}/{row['spill_loads']}",
+                          "yes" if row["serialized"] else "no"]  # fmt: skip
+        kernel, dtype, d, g, path, with_rope, tile = key
+        tile = tile + (" *" if first["choosable"] else "")
+        lines.append(f"| {kernel} | {dtype} | {d} | {g} | {path} | {'yes' if with_rope else 'no'} | {tile} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16"], help="16-bit dtypes")
     parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128], choices=attention.SUPPORTED_HEAD_DIMS)
-    parser.add_argument("--choosable", action="store_true", help="only the configs the autotuner may choose")
+    parser.add_argument("--choosable", action="store_true", help="only the configs a launch may choose")
     parser.add_argument("--quick", action="store_true", help="only tests/test_sass.py's set (ignores the above)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compilations (default: all cores)")
     parser.add_argument("--json", type=Path, help="also write every row to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="also print the per-path summary as markdown")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=user_cache_home() / "nanogpt2" / f"sass-triton-{triton.__version__}.json",
+        help="the file of results kept between runs (default: %(default)s)",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="compile everything, keep nothing")
+    parser.add_argument("--compare", nargs="+", type=Path, metavar="JSON", help="print runs' --json files side by side")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare_markdown([(p.stem, json.loads(p.read_text())) for p in args.compare]))
+        return
     if args.quick:
         variants = quick_variants()
     else:
         variants = _tile_variants(args.dtypes, args.head_dims, args.choosable)
         variants += _tile_variants(["fp32"], args.head_dims, False) + _other_variants(args.dtypes, args.head_dims)
     try:
-        reports = run(variants, args.jobs)
+        reports = run(variants, args.jobs, None if args.no_cache else args.cache)
     finally:
         shutil.rmtree(os.environ["NANOGPT2_SASS_CACHE"], ignore_errors=True)
     bad = [r for r in reports if problems(r)]
@@ -292,8 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = [{**r.variant._asdict(), **r._asdict(), "variant": None, "problems": problems(r)} for r in reports]
         common.write_json(args.json, rows)
     chosen = [r for r in reports if r.variant.choosable and r.variant.dtype != "fp32"]
-    print(f"{len(reports)} compilations, {len(bad)} with problems; most spill bytes of a choosable fp16/bf16 config: "
-          f"{max((r.spill_stores for r in chosen), default=0)} (fp32's are reported, not checked)")  # fmt: skip
+    print(f"triton {triton.__version__}: {len(reports)} compilations, {len(bad)} with problems; choosable fp16/bf16 "
+          f"configs: most spill bytes {max((r.spill_stores for r in chosen), default=0)}, "
+          f"{sum(bool(r.serialized) for r in chosen)} with C7515 (fp32's are reported, not checked)")  # fmt: skip
     sys.exit(1 if bad else 0)
 
 

@@ -450,20 +450,23 @@ def _forward(
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    G = H // k.shape[2]
     starts = launcher.aligned((q, k, v), traced)
     use_tma = tma and _utils.tma_compatible((q, k, v, o), starts)
     if use_tma:
         _utils.set_tma_allocator()
-    key = ("fwd", q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), causal, window, use_tma,
-           starts)  # fmt: skip
-    launcher.launch(
-        _attn_fwd, key, lambda tile: (_utils.cdiv(T, tile.block_m), B * H, 1),
-        (q, k, v, o, lse, T, H, G, window, scale * _LOG2E, *_strides(q, k, v, o)),
-        {"HEAD_DIM": D, "IS_CAUSAL": causal, "USE_TMA": use_tma, **_DTYPE_FLAGS[q.dtype]},
-        lambda: tuning.candidate_tiles("fwd", D, G, q.dtype, use_tma, False, _small_window(causal, window, T)),
-        traced=traced,
-    )  # fmt: skip
+    key = ("fwd", q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), causal, window, scale,
+           use_tma, starts)  # fmt: skip
+
+    def setup() -> launcher.Launch:
+        G = H // k.shape[2]
+        return launcher.Launch(
+            lambda tile: (_utils.cdiv(T, tile.block_m), B * H, 1),
+            (T, H, G, window, scale * _LOG2E, *_strides(q, k, v, o)),
+            {"HEAD_DIM": D, "IS_CAUSAL": causal, "USE_TMA": use_tma, **_DTYPE_FLAGS[q.dtype]},
+            tuning.candidate_tiles("fwd", D, G, q.dtype, use_tma, False, _small_window(causal, window, T)),
+        )
+
+    launcher.launch(_attn_fwd, key, (q, k, v, o, lse), setup, traced=traced)
     return o, lse
 
 
@@ -475,7 +478,8 @@ def _backward(
     """Write the gradients of q, k, v into dq, dk, dv (fresh tensors, or views of one packed buffer: both are
     TMA-addressable). With `rope` = (cos, sin), q and k are rotated and dq, dk come out for the unrotated ones."""
     B, T, H, D = q.shape
-    G = H // k.shape[2]
+    Hkv = k.shape[2]
+    G = H // Hkv
     if dq.numel() == 0:
         return
     if do.stride(-1) != 1:
@@ -487,6 +491,7 @@ def _backward(
         use_tma, atomic = tuning.resolve_path(D, G, use_tma, atomic)
         if use_tma and not _utils.tma_compatible((q, k, v, do), starts):  # its only path loads through TMA
             q, k, v, do = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v, do))
+            starts = (True,) * 4
     if use_tma:
         _utils.set_tma_allocator()
     cos, sin = rope if rope is not None else (lse, lse)  # unread without ROPE
@@ -494,35 +499,42 @@ def _backward(
     # The atomic path's fp32 dQ, zeroed by the preprocess kernel (a dummy pointer on the deterministic path).
     dq_acc = torch.empty((B, H, T, D) if atomic else (1,), dtype=torch.float32, device=q.device)
     key = (q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
-           dq.stride(), causal, window, use_tma, atomic, rope is not None, starts)  # fmt: skip
-    rows_grid = lambda meta: (_utils.cdiv(T, meta["BLOCK_M"]), B * H, 1)  # noqa: E731
-    launcher.launch(
-        _attn_bwd_preprocess, ("pre", key), rows_grid, (o, do, delta, dq_acc, T, H, *_strides(o, do)),
-        {"HEAD_DIM": D, "ZERO_DQ": atomic}, lambda: [_ROWS], traced=traced,
-    )  # fmt: skip
-    flags = {"HEAD_DIM": D, "IS_CAUSAL": causal, "USE_TMA": use_tma, "ROPE": rope is not None, **_DTYPE_FLAGS[q.dtype]}
+           dq.stride(), dk.stride(), causal, window, scale, use_tma, atomic, rope is not None, starts)  # fmt: skip
+    rope_flag = rope is not None
+    flags = {"HEAD_DIM": D, "IS_CAUSAL": causal, "USE_TMA": use_tma, "ROPE": rope_flag, **_DTYPE_FLAGS[q.dtype]}
     small_window = _small_window(causal, window, T)
+    rows_grid = lambda meta: (_utils.cdiv(T, meta["BLOCK_M"]), B * H, 1)  # noqa: E731
+    tile_grid = lambda tile: (_utils.cdiv(T, tile.block_m), B * H, 1)  # noqa: E731
+    attention_scalars = (T, H, G, window, scale * _LOG2E, scale)
+
     launcher.launch(
-        _attn_bwd_dkdv, ("dkdv", key), lambda tile: (_utils.cdiv(T, tile.block_n), B * k.shape[2], 1),
-        (q, k, v, do, lse, delta, dk, dv, dq_acc, cos, sin, T, H, G, window, scale * _LOG2E, scale,
-         *_strides(q, k, v, do, dk, dv)),
-        flags | {"ATOMIC_DQ": atomic},
-        lambda: tuning.candidate_tiles("dkdv", D, G, q.dtype, use_tma, atomic, small_window),
+        _attn_bwd_preprocess, ("pre", key), (o, do, delta, dq_acc),
+        lambda: launcher.Launch(rows_grid, (T, H, *_strides(o, do)), {"HEAD_DIM": D, "ZERO_DQ": atomic}, [_ROWS]),
+        traced=traced,
+    )  # fmt: skip
+    launcher.launch(
+        _attn_bwd_dkdv, ("dkdv", key), (q, k, v, do, lse, delta, dk, dv, dq_acc, cos, sin),
+        lambda: launcher.Launch(
+            lambda tile: (_utils.cdiv(T, tile.block_n), B * Hkv, 1),
+            (*attention_scalars, *_strides(q, k, v, do, dk, dv)), flags | {"ATOMIC_DQ": atomic},
+            tuning.candidate_tiles("dkdv", D, G, q.dtype, use_tma, atomic, small_window),
+        ),
         reset=dq_acc if atomic else None, traced=traced,
     )  # fmt: skip
     if atomic:
+        convert_flags = {"HEAD_DIM": D, "ROPE": rope_flag, "ROUND_BF16": flags["ROUND_BF16"]}
         launcher.launch(
-            _attn_bwd_dq_convert, ("convert", key), rows_grid,
-            (dq_acc, dq, cos, sin, T, H, scale, *_strides(dq)),
-            {"HEAD_DIM": D, "ROPE": rope is not None, "ROUND_BF16": flags["ROUND_BF16"]}, lambda: [_ROWS],
-            traced=traced,
+            _attn_bwd_dq_convert, ("convert", key), (dq_acc, dq, cos, sin),
+            lambda: launcher.Launch(rows_grid, (T, H, scale, *_strides(dq)), convert_flags, [_ROWS]), traced=traced,
         )  # fmt: skip
     else:
         launcher.launch(
-            _attn_bwd_dq, ("dq", key), lambda tile: (_utils.cdiv(T, tile.block_m), B * H, 1),
-            (q, k, v, do, lse, delta, dq, cos, sin, T, H, G, window, scale * _LOG2E, scale,
-             *_strides(q, k, v, do, dq)),
-            flags, lambda: tuning.candidate_tiles("dq", D, G, q.dtype, use_tma, False, small_window), traced=traced,
+            _attn_bwd_dq, ("dq", key), (q, k, v, do, lse, delta, dq, cos, sin),
+            lambda: launcher.Launch(
+                tile_grid, (*attention_scalars, *_strides(q, k, v, do, dq)), flags,
+                tuning.candidate_tiles("dq", D, G, q.dtype, use_tma, False, small_window),
+            ),
+            traced=traced,
         )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ there is nothing to compile or keep: every call runs the kernel's Python.
 """
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -22,11 +23,21 @@ from nanogpt2.kernels.tuning import Tile
 Grid = Callable[[Tile], tuple[int, int, int]]  # a config (anything with Tile's `meta()`) -> the launch grid
 
 
-class _Plan:
-    """A compiled kernel at its chosen config, and the constexpr values that follow the runtime arguments."""
+class Launch(NamedTuple):
+    """What a launch needs besides its tensors, all fixed by the problem key: the grid for a config, the scalar
+    arguments that follow the tensors, the constexprs the config does not set, the configs to choose among."""
 
-    def __init__(self, compiled, tile: Tile, tail: list):
-        self.compiled, self.tile, self.tail = compiled, tile, tail
+    grid: Grid
+    scalars: tuple
+    constexprs: dict
+    candidates: list[Tile]
+
+
+class _Plan(NamedTuple):
+    """A compiled kernel bound to its grid, and the arguments after the tensors: scalars, then constexpr values."""
+
+    runner: Callable
+    static: tuple
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -35,40 +46,40 @@ _PLANS: dict[tuple, _Plan] = {}
 def launch(
     kernel: triton.JITFunction,
     key: tuple,
-    grid: Grid,
-    args: Sequence,
-    constexprs: dict,
-    candidates: Callable[[], list[Tile]],
+    tensors: tuple,
+    setup: Callable[[], Launch],
     reset: torch.Tensor | None = None,
     traced: bool = False,
 ) -> None:
-    """Launch `kernel` on `args` (its runtime arguments, in order) with `constexprs` (the constexpr arguments that
-    the config does not set) at one of the configs `candidates()` returns (asked only when `key` is new), on the grid
-    `grid(tile)`.
+    """Launch `kernel` on `tensors` (its leading arguments) with what `setup()` says, asked only when `key` is new:
+    `key` must hold everything the rest depends on (shapes, strides, dtypes, devices, alignment, options).
 
-    `key` must hold everything the compiled kernel depends on besides the arguments' values. `reset`: a tensor the
-    kernel accumulates into, zeroed before each timed run while configs are compared and before the real one.
-    Forced configs (tuning.forced_configs) and traced launches take the first candidate, and keep nothing.
+    A new key chooses its config (timing the candidates on a GPU when there are several), launches, and keeps the
+    compiled kernel; a known key launches it directly. `reset`: a tensor the kernel accumulates into, zeroed before
+    each timed run while configs are compared and before the real one. Forced configs (tuning.forced_configs) and
+    traced launches take the first candidate and keep nothing.
     """
+    plan = _PLANS.get(key)
+    if plan is not None and not traced and not tuning.FORCED:
+        plan.runner(*tensors, *plan.static)
+        return
+    grid, scalars, constexprs, candidates = setup()
+    args = (*tensors, *scalars)
     if traced or tuning.FORCED:
-        tile = candidates()[0]
+        tile = candidates[0]
         torch.library.wrap_triton(kernel)[grid(tile)](*args, **constexprs, **tile.meta())
         return
-    plan = _PLANS.get(key)
-    if plan is not None:
-        plan.compiled[grid(plan.tile)](*args, *plan.tail)
-        return
-    candidates = candidates()
     tile = _choose(kernel, grid, args, constexprs, candidates, reset)
     if reset is not None and len(candidates) > 1:
         reset.zero_()
     compiled = kernel[grid(tile)](*args, **constexprs, **tile.meta())
-    if not _utils.INTERPRET:
+    if not _utils.INTERPRET:  # the interpreter compiles nothing: every call runs the kernel's Python
         values = constexprs | tile.meta()
-        _PLANS[key] = _Plan(compiled, tile, [values[name] for name in kernel.arg_names[len(args) :]])
+        tail = [values[name] for name in kernel.arg_names[len(args) :]]
+        _PLANS[key] = _Plan(compiled[grid(tile)], (*scalars, *tail))
 
 
-def _choose(kernel, grid: Grid, args: Sequence, constexprs: dict, candidates: Sequence[Tile], reset) -> Tile:
+def _choose(kernel, grid: Grid, args: tuple, constexprs: dict, candidates: list[Tile], reset) -> Tile:
     """The fastest of `candidates` by `triton.testing.do_bench` on these arguments (the only one when alone)."""
     if len(candidates) == 1:
         return candidates[0]

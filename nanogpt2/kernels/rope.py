@@ -102,13 +102,17 @@ def rotate(
         return q_out, k_out
     key = ("rope", q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), cos.stride(), sin.stride(), inverse,
            launcher.aligned((q, k, cos, sin), traced))  # fmt: skip
-    launcher.launch(
-        _rope_kernel, key, lambda blocks: (_utils.cdiv(T, blocks.block_t), B, 2),
-        (q, k, q_out, k_out, cos, sin, T, H, Hkv, *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3],
-         *k_out.stride()[:3], cos.stride(0), sin.stride(0)),
-        {"HALF": D // 2, "INVERSE": inverse, "ROUND_BF16": _utils.INTERPRET and q.dtype == torch.bfloat16},
-        lambda: [_blocks(T, H, Hkv, D)], traced=traced,
-    )  # fmt: skip
+
+    def setup() -> launcher.Launch:
+        strides = (*q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3])
+        return launcher.Launch(
+            lambda blocks: (_utils.cdiv(T, blocks.block_t), B, 2),
+            (T, H, Hkv, *strides, cos.stride(0), sin.stride(0)),
+            {"HALF": D // 2, "INVERSE": inverse, "ROUND_BF16": _utils.INTERPRET and q.dtype == torch.bfloat16},
+            [_blocks(T, H, Hkv, D)],
+        )
+
+    launcher.launch(_rope_kernel, key, (q, k, q_out, k_out, cos, sin), setup, traced=traced)
     return q_out, k_out
 
 

@@ -5,6 +5,7 @@ The kernels (attention.py) know nothing of this: each launch gets its BLOCK size
 chosen once per problem (launcher.py keeps the choice).
 """
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,6 +106,7 @@ def candidate_tiles(
     return tiles[:1] if os.environ.get("NANOGPT2_AUTOTUNE", "1") == "0" else tiles
 
 
+@functools.cache
 def resolve_path(head_dim: int, group: int, tma: bool, atomic: bool) -> tuple[bool, bool]:
     """The backward's (tma, atomic) path: the one asked for if its dK/dV kernel has a GPU config here, else the same
     dQ path on TMA, else the deterministic TMA path (which always has one)."""

@@ -12,8 +12,16 @@ Only tiles inside the causal band (i - W < j <= i) are loaded; tiles fully insid
 with T * W. Offsets are 64-bit wherever B * T * H * D can pass 2^31.
 Limits: D in SUPPORTED_HEAD_DIMS; fp32, fp16, bf16 with fp32 accumulation (fp32 dots in IEEE precision, not tf32);
 equal query and key lengths; scale > 0.
+Packed q/k/v (`flash_attention_packed`, the model's path): the backward writes the gradient of the (B, T, H + 2 Hkv,
+D) projection output as one tensor, and with RoPE rotates dK (in the dK/dV kernel's store) and dQ (when it is
+converted from fp32, or in the deterministic dQ kernel's store) back by the opposite angle: no RoPE backward launch
+and no `cat` of dq, dk, dv.
+Host side: eager calls go through a plain autograd.Function and launcher.py (a config and compiled kernel kept per
+problem: one launch forward, three backward); torch.compile sees triton_ops whose kernels Inductor launches itself.
+Tile configs and code-path defaults: tuning.py.
 Differences from the Triton tutorial: GQA and windows in the tile bounds, any T, strided inputs, the row max taken on
-raw scores, the atomic/deterministic dQ choice, bf16 upcast and rounding switches for the interpreter.
+raw scores, the atomic/deterministic dQ choice, RoPE's inverse in the backward, bf16 upcast and rounding switches for
+the interpreter.
 """
 
 import math

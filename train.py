@@ -25,10 +25,11 @@ import time
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from nanogpt2 import hellaswag
 from nanogpt2.checkpoint import TRAIN_CKPT, load_checkpoint, restore_checkpoint, save_checkpoint
 from nanogpt2.config import TrainConfig, from_flags, parse_flags
 from nanogpt2.data import Loader
-from nanogpt2.errors import USER_ERRORS, CheckpointError, DivergedError, WriteError
+from nanogpt2.errors import USER_ERRORS, CheckpointError, ConfigError, DivergedError, WriteError
 from nanogpt2.model import GPT
 from nanogpt2.parallel import (
     DistEnv,
@@ -45,7 +46,7 @@ from nanogpt2.parallel import (
     print0,
     report_to_launcher,
 )
-from nanogpt2.prepare import check_data, open_corpus
+from nanogpt2.prepare import check_data, data_root, open_corpus
 from nanogpt2.run import (
     Interrupted,
     StopRequest,
@@ -125,6 +126,23 @@ def evaluate(model: torch.nn.Module, loader: Loader, n_batches: int, autocast) -
         total += loss.float()
     model.train()
     return all_reduce_mean(total / n_batches).item()  # each rank evaluated its share of the val batches
+
+
+def hellaswag_scores(model: GPT, examples: list, env: DistEnv, autocast) -> dict:
+    """HellaSwag's acc and acc_norm, each rank scoring its share of the examples (model: the GPT itself, unwrapped)."""
+    _, counts = hellaswag.evaluate(model, examples, model.config.block_size, env.device, env.rank, env.world_size,
+                                   autocast)  # fmt: skip
+    n, correct, correct_norm = (all_reduce_mean(counts) * env.world_size).tolist()
+    return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n, "hellaswag_examples": int(n)}
+
+
+def wandb_run(project: str, record: dict):
+    """A Weights & Biases run that gets metrics.jsonl's rows (WANDB_MODE=offline keeps them on this machine)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project=project, config=record)
 
 
 def sample_text(model: GPT, seed: int, device: torch.device) -> str:
@@ -270,6 +288,8 @@ def train(argv: list[str] | None = None) -> int:
     peak = peak_flops(device)
     samples = cfg.can_decode_samples(model_cfg)
     metrics = open_metrics(cfg.out_dir, step) if env.is_main else None
+    tracker = wandb_run(cfg.wandb, record) if cfg.wandb and env.is_main else None
+    examples = hellaswag.load_examples(hellaswag.val_file(data_root())) if cfg.hellaswag_every else []
 
     saved_step, save_s = (step if ckpt else None), 0.0
 
@@ -303,7 +323,8 @@ def train(argv: list[str] | None = None) -> int:
             evaluating = (cfg.eval_every and step % cfg.eval_every == 0) or last_step
             saving = (cfg.save_every and step % cfg.save_every == 0) or last_step
             sampling = cfg.sample_every and step % cfg.sample_every == 0 and not last_step and samples
-            if step % cfg.log_every and step_times and not (evaluating or saving or sampling):
+            scoring = cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last_step)
+            if step % cfg.log_every and step_times and not (evaluating or saving or sampling or scoring):
                 continue
             steps, dt = interval.read(device)
             rows = []
@@ -333,9 +354,16 @@ def train(argv: list[str] | None = None) -> int:
             if evaluating:
                 val_loss = row["val_loss"] = evaluate(model, val_loader, eval_batches, autocast)
                 print0(f"step {step}/{cfg.max_steps} | val loss {val_loss:.3f}")
+            if scoring:
+                row.update(hellaswag_scores(raw_model, examples, env, autocast))
+                print0(f"step {step}/{cfg.max_steps} | hellaswag acc_norm {row['hellaswag_acc_norm']:.4f} (acc "
+                       f"{row['hellaswag_acc']:.4f}; GPT-2 124M: acc_norm {hellaswag.GPT2_ACC_NORM})")  # fmt: skip
             if metrics:
                 for r in rows:
                     append_metrics(metrics, r)
+            if tracker:
+                for r in rows:
+                    tracker.log(r, step=r["step"])
             # Time for the steps up to the next log point and a save?
             why = stop.reason(max(step_times[-10:]) * cfg.log_every, save_s)
             stopping = any_rank(why is not None, device)  # the same step on every rank, whichever saw the reason
@@ -354,6 +382,8 @@ def train(argv: list[str] | None = None) -> int:
         stop.restore()
         if metrics:
             metrics.close()
+        if tracker:
+            tracker.finish()
 
     # Finish: a sample, the summary, and one line that says what was done.
     wall = time.perf_counter() - t_start

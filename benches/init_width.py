@@ -82,7 +82,8 @@ def run(init: str, seed: int, args: argparse.Namespace, corpus) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS, help="inits to train (default: all)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 1337, 1338, ... (default: 3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds first-seed, first-seed + 1, ... (default: 3)")
+    p.add_argument("--first-seed", type=int, default=1337, help="(default: 1337)")
     p.add_argument("--n-layer", type=int, default=4, help="layers at gpt2's width 768 (default: 4)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
@@ -94,7 +95,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="append each run's result to this JSON-lines file")
     args = p.parse_args()
     corpus = open_corpus("shakespeare")
-    for seed in range(1337, 1337 + args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for init in args.inits:
             result = run(init, seed, args, corpus)
             if args.json:

@@ -26,6 +26,7 @@ import torch
 
 from nanogpt2.data import DATA_ORDERS
 from nanogpt2.errors import ConfigError
+from nanogpt2.fineweb import NAME as FINEWEB
 from nanogpt2.model import POS_EMBS, PRESETS, GPTConfig, check_attn_impl
 from nanogpt2.prepare import TASKS, data_vocab
 from nanogpt2.runtime import parse_device
@@ -39,6 +40,10 @@ DEVICE_DEFAULTS = {
                  eval_batches=20, micro_batch=None, attn="triton", log_every=10),
 }  # fmt: skip
 CPU, GPU = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
+# README's "Reproduce GPT-2 (124M)": the defaults of --preset gpt2 --data fineweb10B, GPT-2's 0.5M-token batch over
+# 10B tokens (build-nanogpt's and llm.c's recipe; warmup, cosine to lr / 10, weight decay 0.1 are the usual defaults).
+GPT2_RECIPE = dict(batch_size=512, seq_len=1024, max_steps=19_073, lr=6e-4, warmup_steps=700, eval_every=250,
+                   hellaswag_every=250)  # fmt: skip
 # What one sequence position keeps for the backward, per layer and per unit of width, in bytes: an estimate for
 # bf16 autocast with an fp32 residual stream and flash attention (Korthikanti et al. 2022 count 34 for pure 16-bit
 # activations), rounded up so the estimate errs towards fitting; the CUDA micro-batch is sized with it.
@@ -77,7 +82,7 @@ def flag(*, group: str, help: str, default=None, type=None, kind: str = "", **ar
 class TrainConfig:
     # model and data
     preset: str | None = flag(group=MODEL_AND_DATA, type=str, kind="run", choices=list(PRESETS), help=f"model preset {by_device('preset')}")
-    data: str = flag(group=MODEL_AND_DATA, default="shakespeare", type=str, kind="run", help="corpus name (shakespeare), directory or glob of .bin shards, text file(s) or directory of text (tokenized into the data cache), 'synthetic' (random tokens), or a task of the repository: " + ", ".join(f"'{name}' ({module.replace('.', '/')}.py)" for name, module in TASKS.items()) + " (default: shakespeare)")
+    data: str = flag(group=MODEL_AND_DATA, default="shakespeare", type=str, kind="run", help="corpus name (shakespeare, or fineweb10B once downloaded by python -m nanogpt2.prepare fineweb10B), directory or glob of .bin shards, text file(s) or directory of text (tokenized into the data cache), 'synthetic' (random tokens), or a task of the repository: " + ", ".join(f"'{name}' ({module.replace('.', '/')}.py)" for name, module in TASKS.items()) + " (default: shakespeare)")
     data_order: str = flag(group=MODEL_AND_DATA, default="shuffled", type=str, kind="run", choices=list(DATA_ORDERS), help="order of the training windows: shuffled (each epoch visits every window once, in an order drawn from the seed and the epoch) or sequential (the token stream front to back); val is read in order (default: shuffled)")
     vocab_size: int | None = flag(group=MODEL_AND_DATA, type=int, kind="run", help=f"token ids the model embeds and predicts, at least the data's (default: the data's: GPT-2's {VOCAB_SIZE:,} for text, a task's own)")
     dropout: float | None = flag(group=MODEL_AND_DATA, type=float, kind="run", help="dropout probability (default: the preset's, 0.0)")
@@ -106,6 +111,8 @@ class TrainConfig:
     eval_every: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help=f"val loss every N steps and at the end; 0: at the end only {by_device('eval_every')}")
     eval_batches: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help=f"micro-batches per val loss {by_device('eval_batches')}")
     log_every: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help=f"print a log line every N steps (and at each eval, save and the end): only then is the device waited for and the losses read, so steps in between queue without a host sync; metrics.jsonl still gets every step, timed over the interval {by_device('log_every')}")
+    hellaswag_every: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help="HellaSwag accuracy every N steps and at the end (the validation set, fetched once into the data cache; its examples split across the ranks), for models of GPT-2's vocabulary; 0: never (default: 0; 250 in the GPT-2 recipe, --preset gpt2 --data fineweb10B)")
+    wandb: str | None = flag(group=EVAL_AND_OUTPUT, type=str, kind="how", metavar="PROJECT", help="also log metrics.jsonl's rows to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline logs locally) (default: off)")
     sample_every: int = flag(group=EVAL_AND_OUTPUT, default=0, type=int, help="print a sample every N steps; 0: at the end only (default: 0)")
     save_every: int | None = flag(group=EVAL_AND_OUTPUT, type=int, help="checkpoint every N steps, at the end and on Ctrl-C; 0: those two only (default: eval-every)")
     out_dir: Path | None = flag(group=EVAL_AND_OUTPUT, type=Path, kind="how", help="where the checkpoint, metrics.jsonl and run.json go (default: out)")
@@ -146,6 +153,9 @@ class TrainConfig:
     def fill_defaults(self, device: torch.device, world_size: int) -> None:
         """Set every field left None (or "auto") from the device's defaults; a resumed run has most of them saved."""
         defaults = DEVICE_DEFAULTS[device.type]
+        if (self.preset or defaults["preset"]) == "gpt2" and self.data == FINEWEB:
+            defaults = {**defaults, **GPT2_RECIPE}
+        self.hellaswag_every = defaults.get("hellaswag_every", 0) if self.hellaswag_every is None else self.hellaswag_every
         self.device = device.type if self.device == "auto" else self.device  # saved, so a resumed run keeps it
         self.attn = defaults["attn"] if self.attn == "auto" else self.attn
         self.compile = device.type == "cuda" if self.compile is None else self.compile
@@ -205,6 +215,13 @@ class TrainConfig:
         for key in ("warmup_steps", "eval_every", "sample_every", "save_every", "min_lr", "weight_decay", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{flag_name(key)} must not be negative, got {getattr(self, key)}")
+        if self.hellaswag_every < 0:
+            raise ConfigError(f"--hellaswag-every must not be negative, got {self.hellaswag_every}")
+        if self.hellaswag_every and (model.vocab_size != VOCAB_SIZE or data_vocab(self.data) not in (None, VOCAB_SIZE)):
+            raise ConfigError(
+                f"--hellaswag-every needs a model of GPT-2's vocabulary ({VOCAB_SIZE:,} tokens) trained on GPT-2 "
+                f"tokens; this one has {model.vocab_size:,} and --data {self.data}"
+            )
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}")
         needed = data_vocab(self.data)

@@ -2,12 +2,13 @@
 its tokenizer on our HF export, in another process, computing the ending losses build-nanogpt's way."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import assert_bad_input, randomize_residual_projections, run_main, snapshot
+from helpers import REPO, assert_bad_input, randomize_residual_projections, run_cli, run_main, snapshot
 
 from nanogpt2.eval import main as eval_main
 from nanogpt2.hf import save_hf_gpt2
@@ -115,3 +116,75 @@ def test_a_checkpoint_with_another_vocabulary_is_refused(tmp_path, checkpoints, 
     flags = ["--ckpt", str(tmp_path / "run"), "--data", str(checkpoints / "val.jsonl"), "--json", str(tmp_path / "o")]
     done = run_main(eval_main, "hellaswag", *flags, capfd=capfd)
     assert_bad_input(done, "has a vocabulary of 97 tokens, not GPT-2's 50,257", {tmp_path: before})
+
+
+def test_ranks_score_disjoint_shares_with_as_many_forwards(checkpoints):
+    """Under DDP/FSDP each rank scores every world_size-th example; the counts summed over the ranks are the whole
+    set's, and every rank runs the same number of forwards (FSDP's collectives need them in step)."""
+    from nanogpt2 import hellaswag
+    from nanogpt2.checkpoint import load_model
+
+    model = load_model(checkpoints / "run")
+    examples = hellaswag.load_examples(checkpoints / "val.jsonl")  # 3 examples over 2 ranks: 2 and 1
+    whole, counts = hellaswag.evaluate(model, examples, 64, torch.device("cpu"))
+    forwards, shares = [], []
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    for rank in range(2):
+        shares.append(hellaswag.evaluate(model, examples, 64, torch.device("cpu"), rank, 2))
+        forwards.append(len(calls) - sum(forwards))
+    assert forwards == [2, 2]
+    assert torch.equal(shares[0][1] + shares[1][1], counts)
+    assert sorted(r["ind"] for share, _ in shares for r in share) == sorted(r["ind"] for r in whole)
+
+
+@pytest.mark.slow
+def test_training_scores_hellaswag_and_logs_to_wandb(checkpoints, tmp_path):
+    """--hellaswag-every in a run: the metrics row of a scored step holds the accuracy the eval command gives for the
+    checkpoint; --wandb gets the same rows (a stand-in wandb module records what it is given)."""
+    cache = tmp_path / "cache"
+    (cache / "hellaswag").mkdir(parents=True)
+    (cache / "hellaswag" / "hellaswag_val.jsonl").write_bytes((checkpoints / "val.jsonl").read_bytes())
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "wandb.py").write_text(
+        "import json, os\n"
+        "class Run:\n"
+        "    def log(self, row, step):\n"
+        "        open(os.environ['FAKE_WANDB_LOG'], 'a').write(json.dumps({**row, '_step': step}) + '\\n')\n"
+        "    def finish(self):\n"
+        "        open(os.environ['FAKE_WANDB_LOG'], 'a').write('finish\\n')\n"
+        "def init(project, config):\n"
+        "    assert project == 'proj' and config['model_config']['vocab_size'] == 50257\n"
+        "    return Run()\n"
+    )
+    env = {"NANOGPT2_DATA_DIR": str(cache), "FAKE_WANDB_LOG": str(tmp_path / "wandb.jsonl"),
+           "PYTHONPATH": f"{REPO}{os.pathsep}{fake}"}  # fmt: skip
+    flags = ["--preset", "pico", "--max-steps", "2", "--batch-size", "2", "--eval-batches", "1", "--data", "synthetic"]
+    done = run_cli("train.py", *flags, "--hellaswag-every", "1", "--wandb", "proj", "--out-dir", str(tmp_path / "out"),
+                   cwd=tmp_path, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["hellaswag_examples"] for r in rows] == [3, 3]
+    logged = (tmp_path / "wandb.jsonl").read_text().splitlines()
+    assert logged[-1] == "finish" and [json.loads(line) for line in logged[:-1]] == [
+        {**r, "_step": r["step"]} for r in rows
+    ]
+    from nanogpt2 import hellaswag
+    from nanogpt2.checkpoint import load_model
+
+    model = load_model(tmp_path / "out")
+    examples = hellaswag.load_examples(checkpoints / "val.jsonl")
+    _, counts = hellaswag.evaluate(model, examples, model.config.block_size, torch.device("cpu"))
+    assert rows[-1]["hellaswag_acc_norm"] == counts[2].item() / 3 and rows[-1]["hellaswag_acc"] == counts[1].item() / 3
+
+
+def test_hellaswag_every_needs_gpt2_vocabulary():
+    from helpers import cpu_config
+
+    from nanogpt2.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--hellaswag-every needs a model of GPT-2's vocabulary"):
+        cpu_config("--hellaswag-every", "10", "--vocab-size", "60000")
+    with pytest.raises(ConfigError, match="--hellaswag-every needs a model of GPT-2's vocabulary"):
+        cpu_config("--hellaswag-every", "10", "--data", "recall", "--preset", "pico")

@@ -35,9 +35,9 @@ from nanogpt2.tokenizer import VOCAB_SIZE
 # Defaults that depend on the device: a run of a few minutes on a 2-core CPU, GPT-2 124M on a GPU.
 DEVICE_DEFAULTS = {
     "cpu": dict(preset="nano", batch_size=8, seq_len=128, max_steps=200, lr=2e-3, warmup_steps=20, eval_every=50,
-                eval_batches=8, micro_batch=8, attn="torch", log_every=1),
+                eval_batches=8, micro_batch=8, attn="torch", log_every=1, vocab_pad_multiple=1),
     "cuda": dict(preset="gpt2", batch_size=32, seq_len=1024, max_steps=150, lr=6e-4, warmup_steps=15, eval_every=50,
-                 eval_batches=20, micro_batch=None, attn="triton", log_every=10),
+                 eval_batches=20, micro_batch=None, attn="triton", log_every=10, vocab_pad_multiple=64),
 }  # fmt: skip
 CPU, GPU = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
 # README's "Reproduce GPT-2 (124M)": the defaults of --preset gpt2 --data fineweb10B, GPT-2's 0.5M-token batch over
@@ -50,7 +50,8 @@ GPT2_RECIPE = dict(batch_size=512, seq_len=1024, max_steps=19_073, lr=6e-4, warm
 ACTIVATION_BYTES = 64
 MEMORY_HEADROOM = 0.85  # of the free memory: the allocator's fragmentation, the CUDA context, compile's workspaces
 # Flags that override the preset's config.
-MODEL_FIELDS = ("vocab_size", "n_layer", "block_size", "pos_emb", "n_kv_head", "window", "dropout")
+MODEL_FIELDS = ("vocab_size", "vocab_pad_multiple", "n_layer", "block_size", "pos_emb", "n_kv_head", "window",
+                "dropout")  # fmt: skip
 
 # The --help groups, in order, and the text under each.
 MODEL_AND_DATA = "model and data"
@@ -91,6 +92,7 @@ class TrainConfig:
     n_layer: int | None = flag(group=MODEL_AND_DATA, type=int, kind="run", help="transformer blocks (default: the preset's)")
     n_kv_head: int | None = flag(group=MODEL_AND_DATA, type=int, kind="run", help="K/V heads, fewer than heads for GQA (default: the preset's)")
     window: int | None = flag(group=MODEL_AND_DATA, type=int, kind="run", help="sliding-window attention over this many keys (default: the preset's)")
+    vocab_pad_multiple: int | None = flag(group=MODEL_AND_DATA, type=int, kind="run", help=f"pad the embedding's (and tied lm_head's) rows to a multiple of this, as nanoGPT does (GPT-2's 50,257 -> 50,304 at 64): aligned matmul widths on a GPU; padding rows are outside the softmax and never targeted {by_device('vocab_pad_multiple')}")
     attn: str = flag(group=MODEL_AND_DATA, default="auto", type=str, kind="how", choices=["auto", "torch", "triton"], help="attention/RoPE implementation: torch (SDPA) or triton (the kernels in nanogpt2/kernels/, CUDA only; the attention kernel has no dropout, so with --dropout > 0 training attention runs through SDPA) (default: auto: triton on CUDA, torch on CPU)")
     # batch and schedule
     max_steps: int | None = flag(group=BATCH_AND_SCHEDULE, type=int, help=f"optimizer steps to train for {by_device('max_steps')}")
@@ -159,7 +161,7 @@ class TrainConfig:
         self.device = device.type if self.device == "auto" else self.device  # saved, so a resumed run keeps it
         self.attn = defaults["attn"] if self.attn == "auto" else self.attn
         self.compile = device.type == "cuda" if self.compile is None else self.compile
-        for key in ("preset", "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "log_every"):
+        for key in ("preset", "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "log_every", "vocab_pad_multiple"):
             if getattr(self, key) is None:
                 setattr(self, key, defaults[key])
         if self.warmup_steps is None:  # short runs warm up over their first tenth

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -24,9 +25,19 @@ from helpers import REPO, assert_bad_input, cpu_config, llmc_shard, run_cli, run
 
 import train as train_script
 from nanogpt2.checkpoint import export_main, load_checkpoint, load_model
-from nanogpt2.config import ConfigError, TrainConfig, auto_grad_accum, build_parser, parse_duration
+from nanogpt2.config import (
+    ConfigError,
+    TrainConfig,
+    auto_grad_accum,
+    build_parser,
+    fitting_grad_accum,
+    micro_batch_fit,
+    parse_duration,
+    parse_flags,
+)
 from nanogpt2.model import GPTConfig
 from nanogpt2.prepare import prepare
+from nanogpt2.runtime import card_peak_flops
 from nanogpt2.tokenizer import EOT, VOCAB_SIZE, get_encoding
 
 TINY = ["--preset", "pico", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2"]
@@ -247,6 +258,8 @@ def bad_shard(tmp: Path, kind: str) -> str:
         (lambda t: ["--resume", str(t)], "holds no checkpoint (ckpt.pt)"),
         (lambda t: ["--data", str(t / "latin1.txt")], "latin1.txt: byte 3 (0xe9) is not UTF-8"),
         (lambda t: ["--data", "synthetic", "--dist-timeout", "0"], "--dist-timeout must be a positive number"),
+        (lambda t: ["--data", "synthetic", "--cuda-graphs"], "--cuda-graphs needs a CUDA device and --compile"),
+        (lambda t: ["--data", "synthetic", "--log-every", "0"], "--log-every must be positive"),
     ],
 )
 def test_bad_input(tmp_path, run_here, make_args, message):
@@ -433,6 +446,49 @@ def test_automatic_grad_accum_divides_the_batch(batch_size, world_size):
     )
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("max_rows", [1, 7, 16, 64, 512])
+def test_cuda_micro_batch_is_the_fewest_micro_steps_that_fit(world_size, max_rows):
+    """GPT-2's 0.5M-token batch (--batch-size 512 --seq-len 1024) at any world size: micro-batches of at most the
+    rows that fit, the fewest micro-steps, the global batch unchanged."""
+    per_rank = 512 // world_size
+    accum = fitting_grad_accum(512, world_size, max_rows)
+    assert per_rank % accum == 0 and per_rank // accum <= max_rows
+    assert all(per_rank % a or per_rank // a > max_rows for a in range(1, accum))
+
+
+def test_cuda_micro_batch_estimate_scales_with_free_memory():
+    """GPT-2 at 1024 tokens: about 0.6 GiB a sequence; 64 sequences on an 80 GB H100 (llm.c's micro-batch there), 128
+    on a 141 GB H200, at least one on a card too small (which then fails with CUDA's own out-of-memory error)."""
+    gpt2 = GPTConfig.from_preset("gpt2", vocab_pad_multiple=64)
+    fits = {gib: micro_batch_fit(gpt2, 1024, gib * 2**30)[0] for gib in (1, 40, 80, 141)}
+    assert fits == {1: 1, 40: 32, 80: 64, 141: 128}
+    assert micro_batch_fit(gpt2, 512, 80 * 2**30)[0] == 128  # half the tokens a sequence, twice the sequences
+
+
+def test_defaults_compile_and_pad_the_vocabulary_on_cuda_only():
+    cpu = TrainConfig()
+    cpu.fill_defaults(torch.device("cpu"), world_size=1)
+    cuda = TrainConfig()
+    cuda.fill_defaults(torch.device("cuda"), world_size=1)  # no GPU needed: only the defaults are read
+    assert (cpu.compile, cpu.log_every, cpu.vocab_pad_multiple) == (False, 1, 1)
+    assert (cuda.compile, cuda.log_every, cuda.vocab_pad_multiple, cuda.grad_accum) == (True, 10, 64, None)
+    assert cuda.model_config().padded_vocab_size == 50304
+    assert TrainConfig(**parse_flags(["--no-compile"])).compile is False
+
+
+def test_log_every_reads_the_device_at_log_points_and_keeps_every_step(tmp_path, run_here):
+    """Log lines every --log-every steps, at the first step and at the end; metrics.jsonl still has every step, each
+    timed as its interval's mean."""
+    done = run_here(*TINY, "--data", "synthetic", "--max-steps", "8", "--log-every", "3", "--eval-every", "0")
+    assert done.returncode == 0, done.stderr
+    logged = [int(line.split()[1].split("/")[0]) for line in done.stdout.splitlines() if " | lr " in line]
+    assert logged == [1, 3, 6, 8]
+    rows = metrics(tmp_path / "out")
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[3]["ms"] == rows[4]["ms"] == rows[5]["ms"] != rows[6]["ms"]  # steps 4-6: one interval
+
+
 def test_batch_size_44_on_cpu_runs(tmp_path, run_here):
     done = run_here("--preset", "pico", "--data", "synthetic", "--batch-size", "44", "--seq-len", "16",
                     "--max-steps", "1", "--eval-batches", "1")  # fmt: skip
@@ -567,8 +623,8 @@ def test_export_writes_a_hf_directory_with_gpt2_s_tokenizer(tmp_path, capfd, tra
 
 @pytest.mark.slow
 def test_compiled_run_samples_without_recompiling(tmp_path):
-    """--compile compiles each block for training; the closing sample (KV-cache decoding, a new shape every token,
-    over 4 blocks) runs them eagerly instead of hitting torch.compile's recompile limit."""
+    """--compile compiles the whole model for training; the closing sample (KV-cache decoding, a new shape every
+    token, over 4 blocks) runs eagerly instead of hitting torch.compile's recompile limit."""
     done = run(tmp_path, *TINY, "--n-layer", "4", "--data", "synthetic", "--max-steps", "1", "--compile")
     assert done.returncode == 0, done.stderr
     assert "sample:" in done.stdout and "recompile" not in done.stderr, done.stderr[-2000:]
@@ -644,6 +700,17 @@ def test_checkpoint_of_an_older_format_is_one_clear_line(tmp_path, trained, run_
     refused = run_here("--resume", str(out), "--max-steps", "40")
     assert_bad_input(refused, "is a checkpoint of another nanogpt2 version (format 1, this version reads 2)",
                      unchanged={out: before})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+     ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA A10", 125), ("NVIDIA L4", 121),
+     ("NVIDIA L40S", 362), ("NVIDIA A10G", None), ("Tesla T4", None), ("NVIDIA GeForce RTX 4090", None)],
+)  # fmt: skip
+def test_peak_flops_by_card_name(name, tflops):
+    """MFU's peak from the card's name, variants before their family; an unknown card gets none (no MFU printed)."""
+    assert card_peak_flops(name) == (tflops * 1e12 if tflops else None)
 
 
 def test_keep_freed_memory_serves_big_blocks_from_the_heap():

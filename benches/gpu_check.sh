@@ -90,6 +90,9 @@ step loss 80 python -m benches.train_loss "${DRY[@]}" --deadline "$loss_deadline
 # plain run, saved, resumed and consolidated (benches.train_modes; the dry run's pico takes 80-160 s on 2 CPU cores).
 step train-modes $((DRY_RUN ? 240 : 120)) python -m benches.train_modes "${DRY[@]}" --deadline $((DRY_RUN ? 200 : 85)) \
   --json "$RESULTS/train_modes.json" --work-dir "$SCRATCH"
+# GPT-2 124M beside an unmodified nanoGPT (NANOGPT_DIR) on this GPU: ours eager, compiled, compiled + CUDA graphs.
+step train-peer 300 python -m benches.train_peer "${DRY[@]}" --nanogpt "${NANOGPT_DIR:-../shared/peers/nanoGPT}" \
+  --steps $((DRY_RUN ? 6 : 30)) --deadline 270 --json "$RESULTS/train_peer.json"
 
 echo
 echo "=================================== VERDICT ==================================="

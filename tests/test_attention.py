@@ -358,3 +358,25 @@ def test_visited_area_follows_the_window(path, monkeypatch):
             )
             area[window] = int(visited.sum()) * tile.block_m * tile.block_n
         assert 0.8 <= area[1024] / area[256] / 4 <= 1.2, (kernel, path, area)
+
+
+@pytest.mark.parametrize(
+    "n_kv_head, rope_rows, shape, message",
+    [
+        (2, None, (1, 8, 8, 32), None),  # valid: 4 query heads, 2 KV heads
+        (3, None, (1, 8, 8, 32), r"query heads \(2\).*KV heads \(3\)"),
+        (0, None, (1, 8, 8, 32), r"KV heads \(0\)"),
+        (2, None, (8, 8, 32), r"\(8, 8, 32\)"),
+        (2, 7, (1, 8, 8, 32), r"cos must be \(T, D/2\) = \(8, 16\), got \(7, 16\)"),
+    ],
+)
+def test_packed_rejects_bad_inputs(n_kv_head, rope_rows, shape, message):
+    qkv = torch.randn(*shape, device=DEVICE)
+    rope = None
+    if rope_rows is not None:
+        rope = (torch.ones(rope_rows, 16, device=DEVICE), torch.zeros(rope_rows, 16, device=DEVICE))
+    if message is None:
+        assert flash_attention_packed(qkv, n_kv_head, rope).shape == (1, 8, 4, 32)
+    else:
+        with pytest.raises(ValueError, match=message):
+            flash_attention_packed(qkv, n_kv_head, rope)

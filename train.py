@@ -83,14 +83,14 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, env: DistEnv) -> tuple[Load
 def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (decay on 2-D weights, fused on CPU and CUDA), or plain SGD, whose steps are linear in the gradients.
 
-    With --cuda-graphs the AdamW is capturable, its lr a tensor on the device: a graph may replay its step, and a new
-    lr is written into the tensor rather than baked into the graph."""
+    With --cuda-graphs the AdamW is capturable, its lr a float32 tensor on the device (what CUDA's fused AdamW reads):
+    a graph may replay its step, and a new lr is written into the tensor rather than baked into the graph."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
     if cfg.cuda_graphs:
         for group in optimizer.param_groups:
-            group.update(capturable=True, lr=torch.tensor(cfg.lr, device=device))
+            group.update(capturable=True, lr=torch.tensor(cfg.lr, dtype=torch.float32, device=device))
     return optimizer
 
 

@@ -130,3 +130,23 @@ def test_clipping_is_a_handful_of_ops():
     scale = 1.0 / (expected + 1e-6)
     for p, g in zip(model.parameters(), before, strict=True):
         torch.testing.assert_close(p.grad, g * scale.float(), rtol=1e-6, atol=0)
+
+
+def test_graph_ready_step_equals_the_plain_step():
+    """--cuda-graphs' step without the graphs (what the CPU can run): batches copied into static buffers, a capturable
+    AdamW whose lr is a float32 tensor filled each step, gives bit for bit the weights of the plain step at the same
+    learning rates (rounded to float32, as CUDA's fused AdamW reads a tensor lr)."""
+    env = DistEnv(device=torch.device(DEVICE))
+    lrs = [torch.tensor(lr, dtype=torch.float32).item() for lr in (1e-3, 3e-3, 2e-3)]
+    weights = []
+    for graphs in (False, True):
+        model, optimizer, cfg = tiny_run("plain", env, cuda_graphs=graphs)
+        static = train_script.StaticInputs(2, 16, env.device) if graphs else None
+        loader = Batches(97, 2, 16)
+        for lr in lrs:
+            train_script.set_lr(optimizer, lr)
+            train_script.train_step(model, optimizer, torch.amp.GradScaler(DEVICE, enabled=False), loader, cfg,
+                                    contextlib.nullcontext, static)  # fmt: skip
+        assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor) == graphs
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import DEVICE, randomize_residual_projections
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanogpt2.loss import cross_entropy_of_logits, linear_cross_entropy
 from nanogpt2.model import GPT, GPTConfig
@@ -147,3 +148,24 @@ def test_model_fused_loss_matches_unfused():
     for name, grad in results[False][1].items():
         assert max_err(results[True][1][name], grad) <= 1e-6, name
     assert model(idx)[0].shape == (3, 32, 128)  # without targets: the logits, as before
+
+
+def test_backward_fills_no_zeros():
+    """The op's grad_h and grad_W outputs are never differentiated: the backward gets no zero-filled gradients for
+    them (a W-sized memset per micro-batch at GPT-2's size), only scales the saved gradients."""
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    h, W, y = inputs(37, 53, 64)
+    loss = linear_cross_entropy(h, W, y, 53, chunk_rows=16)
+    with Ops() as ops:
+        loss.backward()
+    assert not {"zeros", "zeros_like", "new_zeros", "zero_", "fill_"} & set(ops.names), ops.names
+    assert "mul" in ops.names and h.grad is not None and W.grad is not None

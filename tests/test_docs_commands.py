@@ -27,6 +27,7 @@ NOT_RUN_HERE = [
     ("pip install", "installing is what .ci/run proves, in a fresh virtualenv"),
     ("pytest", "the test command is the one running this test"),
     ("HOST", "multi-node needs a second machine"),
+    ("fineweb10B", "FineWeb is 21 GB from the Hub: tests/test_fineweb.py runs these commands against a local fake"),
 ]
 SHORT = {
     "train.py": ["--max-steps", "2", "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2"],

@@ -2,18 +2,22 @@
 HTTP server that answers range requests as the Hub does, at HF_ENDPOINT; then --data fineweb10B."""
 
 import http.server
+import json
+import os
 import re
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_bad_input, llmc_shard, run_main, snapshot
+from helpers import REPO, assert_bad_input, cpu_config, llmc_shard, run_main, snapshot
 
 from nanogpt2 import fineweb
 from nanogpt2.data import HEADER_BYTES
 from nanogpt2.errors import DataError
+from nanogpt2.model import GPTConfig
 from nanogpt2.prepare import main as prepare_main
 from nanogpt2.prepare import open_corpus
 
@@ -167,3 +171,56 @@ def test_without_huggingface_hub_says_what_to_install(tmp_path, capfd, monkeypat
     monkeypatch.setenv("NANOGPT2_DATA_DIR", str(tmp_path / "data"))
     result = run_main(prepare_main, "fineweb10B", "--shards", "1", capfd=capfd)
     assert_bad_input(result, "downloading FineWeb needs huggingface_hub: pip install -r requirements-hub.txt")
+
+
+def test_gpt2_with_fineweb_defaults_to_the_recipe():
+    cfg, model = cpu_config("--preset", "gpt2", "--data", "fineweb10B")
+    recipe = (cfg.batch_size, cfg.seq_len, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
+    assert recipe == (512, 1024, 19_073, 6e-4, 6e-4 / 10, 700, 19_073)
+    evals = (cfg.eval_every, cfg.hellaswag_every, cfg.save_every)
+    assert (cfg.weight_decay, cfg.grad_clip, *evals) == (0.1, 1.0, 250, 250, 250)
+    assert cfg.max_steps == 10**10 // (cfg.batch_size * cfg.seq_len) and model == GPTConfig.from_preset("gpt2")
+    given, _ = cpu_config("--preset", "gpt2", "--data", "fineweb10B", "--lr", "1e-3", "--hellaswag-every", "0")
+    assert (given.lr, given.min_lr, given.hellaswag_every, given.max_steps) == (1e-3, 1e-4, 0, 19_073)
+    other, _ = cpu_config("--preset", "gpt2", "--data", "synthetic")  # the recipe is FineWeb's only
+    assert (other.batch_size, other.hellaswag_every) == (8, 0)
+
+
+@pytest.mark.slow
+def test_readme_recipe_runs_on_cpu_with_tiny_flags(tmp_path):
+    """README's "Reproduce GPT-2 (124M)" commands as shown, against a local fake of the Hub (all 103 train shards,
+    small), with test_docs_commands' short flags (2 steps of 2 sequences) and a 1-layer model on 32-token sequences;
+    HellaSwag from a small file in the data cache. The torchrun command trains the same flags under DDP, which
+    test_distributed.py covers: here its flags are only checked (two ranks of GPT-2's embedding cost a minute)."""
+    from test_docs_commands import argv_for, readme_commands
+
+    commands = [c for c in readme_commands() if "fineweb10B" in c and not c.startswith("pip ")]
+    assert [c.split()[:3] for c in commands] == [["python", "-m", "nanogpt2.prepare"], ["torchrun", "--standalone",
+            "--nproc_per_node=8"], ["python", "train.py", "--preset"], ["python", "-m", "nanogpt2.eval"]]  # fmt: skip
+    hub = fake_hub(tmp_path / "hub", n_train=fineweb.TRAIN_SHARDS, tokens=3000)
+    handler = type("Handler", (RangeHandler,), dict(folder=hub, cut="", requests=[]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cache = tmp_path / "cache"
+    (cache / "hellaswag").mkdir(parents=True)
+    example = {"ind": 0, "ctx": "The cat sat on the", "endings": ["mat.", "moon.", "dog", "sky"], "label": 0}
+    (cache / "hellaswag" / "hellaswag_val.jsonl").write_text(json.dumps(example) + "\n")
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HUB_OFFLINE": "0",
+           "NANOGPT2_DATA_DIR": str(cache), "PYTHONPATH": str(REPO)}  # fmt: skip
+    cpu_config(*commands[1].split("train.py")[1].split())
+    cwd = tmp_path
+    try:
+        for i, command in enumerate(c for c in commands if not c.startswith("torchrun")):
+            argv = argv_for(command)
+            if "train.py" in command:
+                argv += ["--n-layer", "1", "--seq-len", "32"]
+                cwd = tmp_path / f"run{i}"
+                cwd.mkdir()
+            done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, f"{command}:\n{done.stderr[-3000:]}"
+            if "train.py" in command:
+                assert "hellaswag acc_norm" in done.stdout and "val loss" in done.stdout, done.stdout
+    finally:
+        server.shutdown()
+    assert len(list((cache / "fineweb10B").glob("fineweb_train_*.bin"))) == fineweb.TRAIN_SHARDS
+    assert done.stdout.splitlines()[-1].startswith("hellaswag: 1 examples, acc ")

@@ -215,7 +215,14 @@ def hub_url(name: str) -> str:
 
 
 def fineweb_corpus(out_dir: Path) -> Corpus:
-    """The downloaded shards as a corpus: the train shards present, val on the val shard."""
+    """The downloaded shards as a corpus: the train shards present, val on the val shard; DataError while a download
+    is unfinished (the run would otherwise train on fewer shards than asked for)."""
+    unfinished = sorted(out_dir.glob("fineweb_*.bin.partial"))
+    if unfinished:
+        raise DataError(
+            f"--data {NAME}: {unfinished[0]} is a download that did not finish: run `{PREPARE}` with the same --shards "
+            "to resume it"
+        )
     shards = sorted(out_dir.glob("fineweb_*.bin"))
     train = [p for p in shards if p.name != VAL_SHARD]
     if not train or len(train) == len(shards):

@@ -76,6 +76,29 @@ def test_a_shard_whose_size_disagrees_with_its_header_stays_partial(tmp_path):
         open_corpus("fineweb10B", root=tmp_path)
 
 
+def test_training_refuses_a_half_downloaded_shard(tmp_path, capfd):
+    """`--data fineweb10B` while a shard's download is unfinished, or with a shard cut short by another tool: one
+    line, nothing trained or changed."""
+    import train
+
+    hub = fake_hub(tmp_path / "hub", n_train=2)
+    fineweb.download(tmp_path / "data" / "fineweb10B", 1, hub)
+    partial = tmp_path / "data" / "fineweb10B" / "fineweb_train_000002.bin.partial"
+    partial.write_bytes((hub / "fineweb_train_000002.bin").read_bytes()[:3000])
+    before = snapshot(tmp_path / "data")
+    flags = ["--data", "fineweb10B", "--preset", "pico", "--max-steps", "1", "--out-dir", str(tmp_path / "out")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOGPT2_DATA_DIR", str(tmp_path / "data"))
+        result = run_main(train.main, *flags, capfd=capfd)
+        assert_bad_input(
+            result, "fineweb_train_000002.bin.partial is a download that did not finish", {tmp_path / "data": before}
+        )
+        partial.rename(partial.with_suffix(""))  # the same bytes as a .bin: its header promises more than it holds
+        result = run_main(train.main, *flags, capfd=capfd)
+        assert_bad_input(result, "fineweb_train_000002.bin: header promises 3000 tokens (7024 bytes), file has 3000")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_shard_missing_from_the_source_is_named(tmp_path):
     hub = fake_hub(tmp_path / "hub", n_train=2)
     with pytest.raises(DataError, match=r"fineweb_train_000003.bin: not found in .*hub"):

@@ -23,12 +23,16 @@ import torch
 CHUNK_ROWS = 1024  # measured on a 2-core CPU (nano preset, 4096 rows): smaller chunks slow the matmuls down
 
 
-def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
-    # In place on CPU (the kernel reads each row whole before writing it, so aliasing input and output is safe there);
-    # out of place elsewhere, where allocation is cheap and in-place aliasing is not promised by the kernels.
-    if x.device.type == "cpu":
-        return torch._log_softmax(x, 1, False, out=x)
-    return torch.log_softmax(x, dim=1)
+def _log_softmax(z: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """The log-softmax of z's rows in buffer's dtype (float32 or wider). On CPU it is written into `buffer`, which may
+    be z itself (the kernel reads each row whole before writing it, so aliasing is safe there): a fresh 200 MB tensor
+    costs a page-fault pass there. Elsewhere one kernel reads z in its own dtype into a fresh tensor (allocation is
+    cheap, and in-place aliasing is not promised by the kernels)."""
+    if z.device.type != "cpu":
+        return torch.log_softmax(z, dim=1, dtype=buffer.dtype)
+    if buffer is not z:
+        buffer.copy_(z)
+    return torch._log_softmax(buffer, 1, False, out=buffer)
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -65,7 +69,8 @@ def _linear_cross_entropy_op(
     # products to zero before any loss scaling could save them.
     hv = (h * valid[:, None]).to(compute_dtype) if with_grad else None  # (N, C)
     logits = torch.empty(len(rows), W.shape[0], dtype=compute_dtype, device=h.device)  # reused by every chunk
-    logits_acc = logits if acc_dtype == compute_dtype else torch.empty_like(logits, dtype=acc_dtype)
+    wide = acc_dtype != compute_dtype and h.device.type == "cpu"  # CPU under autocast: a float32 buffer as well
+    logits_acc = torch.empty_like(logits, dtype=acc_dtype) if wide else logits
     logp = torch.empty(N, dtype=acc_dtype, device=h.device)  # (N,) log-probability of each row's target
     grad_h = torch.empty_like(h, memory_format=torch.contiguous_format) if with_grad else h.new_empty(0)
     grad_W = torch.empty(W.shape, dtype=acc_dtype, device=W.device) if with_grad else W.new_empty(0)
@@ -73,17 +78,15 @@ def _linear_cross_entropy_op(
         end = min(start + chunk_rows, N)
         r, t, w = rows[: end - start], safe_targets[start:end], weight[start:end]
         z = torch.mm(hc[start:end], Wc.t(), out=logits[: end - start])  # (n, Vp)
-        if logits_acc is not logits:
-            z = logits_acc[: end - start].copy_(z)
         z[:, vocab_size:].fill_(-torch.inf)  # padding: exp(-inf) = 0, outside the softmax
-        lp = _log_softmax_(z)  # (n, Vp) in acc_dtype
+        lp = _log_softmax(z, logits_acc[: end - start])  # (n, Vp) in acc_dtype
         logp[start:end] = lp[r, t]
         if not with_grad:
             continue
-        p = lp.exp_()  # softmax
-        p[r, t] -= 1.0  # softmax - onehot; 1/n and the ignored rows are folded into the small factors below
-        if p.dtype != compute_dtype:
-            p = logits[: end - start].copy_(p)
+        p = torch.exp(lp, out=logits[: end - start])  # softmax, in the compute dtype (in place for a float32 z)
+        # softmax - onehot at the targets, from float32 before rounding (softmax near 1 would lose its difference);
+        # 1/n and the ignored rows are folded into the small factors below.
+        p[r, t] = (logp[start:end].exp() - 1.0).to(p.dtype)
         torch.mul(p @ Wc, w[:, None], out=grad_h[start:end])  # the row weights applied in acc_dtype, rounded once
         _mm_into(grad_W, p.t(), hv[start:end], accumulate=start > 0)
     if with_grad:

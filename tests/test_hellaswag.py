@@ -188,3 +188,34 @@ def test_hellaswag_every_needs_gpt2_vocabulary():
         cpu_config("--hellaswag-every", "10", "--vocab-size", "60000")
     with pytest.raises(ConfigError, match="--hellaswag-every needs a model of GPT-2's vocabulary"):
         cpu_config("--hellaswag-every", "10", "--data", "recall", "--preset", "pico")
+
+
+def test_the_validation_set_is_fetched_once_into_the_cache(checkpoints, tmp_path, capfd, monkeypatch):
+    """Without --data: offline, one line that says what to do; online, one download, then the cached file."""
+    import io
+    import urllib.error
+
+    from nanogpt2 import hellaswag
+
+    monkeypatch.setenv("NANOGPT2_DATA_DIR", str(tmp_path / "cache"))
+    fetched = []
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    def online(url, timeout):
+        fetched.append(url)
+        return io.BytesIO((checkpoints / "val.jsonl").read_bytes())
+
+    monkeypatch.setattr(hellaswag.urllib.request, "urlopen", offline)
+    done = run_main(eval_main, "hellaswag", "--ckpt", str(checkpoints / "hf"), capfd=capfd)
+    assert_bad_input(done, "cannot download HellaSwag's validation set from https://raw.githubusercontent.com/rowanz/")
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setattr(hellaswag.urllib.request, "urlopen", online)
+    for _ in range(2):
+        done = run_main(eval_main, "hellaswag", "--ckpt", str(checkpoints / "hf"), capfd=capfd)
+        assert done.returncode == 0 and done.stdout.splitlines()[-1].startswith("hellaswag: 3 examples"), done.stderr
+    assert fetched == [hellaswag.VAL_URL]
+    assert (tmp_path / "cache" / "hellaswag" / "hellaswag_val.jsonl").read_bytes() == (
+        checkpoints / "val.jsonl"
+    ).read_bytes()

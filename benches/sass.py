@@ -99,13 +99,11 @@ def _tile_variants(dtypes: list[str], head_dims: list[int], choosable_only: bool
     for dtype in dtypes:
         for head_dim in head_dims:
             for kernel, group, tma, atomic in (
-                *[("fwd", g, tma, False) for g in (1, 3) for tma in (True, False)],
+                *[("fwd", 1, tma, False) for tma in (True, False)],  # G only divides a head index here
                 *[("dkdv", g, tma, at) for g in (1, 3) for tma in (True, False) for at in (True, False)],
-                *[("dq", g, tma, False) for g in (1, 3) for tma in (True, False)],
+                *[("dq", 1, tma, False) for tma in (True, False)],
             ):
                 if dtype == "fp32":
-                    if group > 1:
-                        continue
                     tiles = allowed = [tuning.SMALL_TILES[kernel]]
                 else:
                     tiles = tuning.TILES[kernel][(64 if head_dim <= 64 else 128, group > 1)]
@@ -118,14 +116,20 @@ def _tile_variants(dtypes: list[str], head_dims: list[int], choosable_only: bool
                         HEAD_DIM=head_dim, IS_CAUSAL=True, USE_TMA=tma, ATOMIC_DQ=atomic, UPCAST=False,
                         ROUND_BF16=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **_blocks(tile),
                     )  # fmt: skip
-                    if group == 1:
-                        constexprs["G"] = 1
+                    if group == 1 and _specializes(kernel, "G"):
+                        constexprs["G"] = 1  # as a launch specializes an integer argument equal to 1
                     constexprs = {k: val for k, val in constexprs.items() if k in _KERNELS[kernel].arg_names}
                     name = f"{tile.block_m}x{tile.block_n} w{tile.warps} s{tile.stages}"
                     variant = Variant(kernel, dtype, head_dim, group, path, False, name, constexprs, tile.warps,
                                       tile.stages, tile in allowed)  # fmt: skip
                     out += _with_rope(variant)
     return out
+
+
+def _specializes(kernel: str, arg: str) -> bool:
+    """Whether a launch of `kernel` makes `arg` a constant when it is 1 (unless @triton.jit's do_not_specialize)."""
+    fn = _KERNELS[kernel]
+    return not fn.params[fn.arg_names.index(arg)].do_not_specialize
 
 
 def _blocks(tile) -> dict:
@@ -278,75 +282,90 @@ def summary_markdown(reports: list[Report]) -> str:
 
 
 def quick_variants() -> list[Variant]:
-    """tests/test_sass.py's set: what a launch may choose in bf16 at the head dim with the most registers in each
-    tile list (64 and 128), on every path, with RoPE where the kernel has it (its epilogue is the larger), and the
-    fixed-tile kernels at 128."""
-    variants = _tile_variants(["bf16"], [64, 128], True)
-    variants = [v for v in variants if v.rope or "ROPE" not in _KERNELS[v.kernel].arg_names]
-    return variants + [v for v in _other_variants(["bf16"], [128]) if v.rope or v.kernel != "dq_convert"]
+    """tests/test_sass.py's set: in bf16 with RoPE where the kernel has it (its epilogue is the larger), every config
+    a launch may choose at GPT-2's head dim (64) and the first one per kernel and path at 128 (the tile list's other
+    class), for MHA (the dK/dV kernel compiles the same for any group: G is never specialized), and the fixed-tile
+    kernels at 128. The full check: `python -m benches.sass --choosable`."""
+    out, firsts = [], set()
+    for v in _tile_variants(["bf16"], [64, 128], True):
+        if v.group > 1 or (not v.rope and "ROPE" in _KERNELS[v.kernel].arg_names):
+            continue
+        if v.head_dim == 64 or (v.kernel, v.path) not in firsts:
+            out.append(v)
+        if v.head_dim == 128:
+            firsts.add((v.kernel, v.path))
+    return out + [v for v in _other_variants(["bf16"], [128]) if v.rope or v.kernel != "dq_convert"]
 
 
 def _cache_key(v: Variant) -> str:
     """What a compilation depends on: the triton version (its ptxas included), the kernel's source and the source of
-    every function it calls (JITFunction.cache_key), and the variant's arguments."""
+    every function it calls (JITFunction.cache_key), and the variant's arguments; and what a report holds."""
     fields = (triton.__version__, _KERNELS[v.kernel].cache_key, v.dtype, sorted(v.constexprs.items()), v.warps,
-              v.stages)  # fmt: skip
+              v.stages, Report._fields)  # fmt: skip
     return hashlib.sha256(repr(fields).encode()).hexdigest()
 
 
 def run(variants: list[Variant], jobs: int, cache: Path | None) -> list[Report]:
-    """Compile the variants in `jobs` processes (those in the `cache` file are read from it), printing each row."""
+    """Compile the variants in `jobs` processes, each distinct compilation once (two variants can be the same kernel:
+    a second one would hit Triton's cache and log no ptxas report) and none that the `cache` file holds; print each
+    row."""
     print_header()
-    known = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+    saved = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
     keys = [_cache_key(v) for v in variants]
-    todo = [v for v, key in zip(variants, keys, strict=True) if key not in known]
+    todo = {key: v for v, key in zip(variants, keys, strict=True) if key not in saved}  # first variant of each key
     reports = []
     # spawn, not fork: a forked child of a process that already ran triton can deadlock
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        compiled = iter(pool.map(compile_variant, todo))
+        compiled = iter(pool.map(compile_variant, todo.values()))
+        results = dict(saved)
         for v, key in zip(variants, keys, strict=True):
-            if key in known:
-                report = Report(v, **known[key])
-            else:
-                report = next(compiled)
-                if not report.error and cache is not None:
-                    known[key] = {k: val for k, val in report._asdict().items() if k != "variant"}
-                    common.write_json(cache, known)
+            if key not in results:
+                fresh = next(compiled)
+                results[key] = {k: val for k, val in fresh._asdict().items() if k != "variant"}
+                if cache is not None and not fresh.error and fresh.registers >= 0:  # a finding, not a failed compile
+                    saved[key] = results[key]
+                    common.write_json(cache, saved)
+            report = Report(v, **results[key])
             print_row(report)
             reports.append(report)
     return reports
 
 
 def compare_markdown(runs: list[tuple[str, list[dict]]]) -> str:
-    """One markdown row per compiled config, one column group per run (a `--json` file): registers, spill bytes
-    (stores / loads), and C7515 (serialized wgmma); `*` marks a config a launch may choose in the first run."""
-    fields = ("kernel", "dtype", "head_dim", "group", "path", "rope", "tile")
-    tables = [{tuple(row[f] for f in fields): row for row in rows} for _, rows in runs]
-    head = "| kernel | dtype | D | G | path | RoPE | tile | " + " | ".join(
-        f"{name} regs | spills | C7515" for name, _ in runs
-    )
-    lines = [head + " |", "|---" * (len(fields) + 3 * len(runs)) + "|"]
+    """One markdown row per compiled config (RoPE off and on together: the worse of the two), one column group per
+    run (a `--json` file): registers, spill bytes (stores / loads), C7515 (serialized wgmma); `*` marks a config a
+    launch may choose (in the first run)."""
+    fields = ("kernel", "dtype", "head_dim", "group", "path", "tile")
+    tables = []
+    for _, rows in runs:
+        table: dict[tuple, list[dict]] = {}
+        for row in rows:
+            table.setdefault(tuple(row[f] for f in fields), []).append(row)
+        tables.append(table)
+    names = " | ".join(f"{name} regs | spills | C7515" for name, _ in runs)
+    lines = [f"| kernel | dtype | D | G | path | tile | {names} |", "|---" * (len(fields) + 3 * len(runs)) + "|"]
     for key, first in tables[0].items():
         cells = []
         for table in tables:
-            row = table.get(key)
-            if row is None:
-                cells += ["-"] * 3
-            elif row["error"]:
-                cells += ["error", "", ""]
-            else:
-                cells += [str(row["registers"]), f"{row['spill_stores']}/{row['spill_loads']}",
-                          "yes" if row["serialized"] else "no"]  # fmt: skip
-        kernel, dtype, d, g, path, with_rope, tile = key
-        tile = tile + (" *" if first["choosable"] else "")
-        lines.append(f"| {kernel} | {dtype} | {d} | {g} | {path} | {'yes' if with_rope else 'no'} | {tile} | "
-                     + " | ".join(cells) + " |")  # fmt: skip
+            rows = table.get(key, [])
+            if not rows or any(r["error"] for r in rows):
+                cells += ["error" if rows else "-", "", ""]
+                continue
+            spills = max((r["spill_stores"], r["spill_loads"]) for r in rows)
+            cells += [str(max(r["registers"] for r in rows)), "{}/{}".format(*spills),
+                      "**yes**" if any(r["serialized"] for r in rows) else "no"]  # fmt: skip
+        kernel, dtype, d, g, path, tile = key
+        chosen = " *" if first[0]["choosable"] else ""
+        lines.append(f"| {kernel} | {dtype} | {d} | {g} | {path} | {tile}{chosen} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16"], help="16-bit dtypes")
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"],
+        help="dtypes (fp32's small config is reported, not checked; its spilling compiles are the slowest)",
+    )  # fmt: skip
     parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128], choices=attention.SUPPORTED_HEAD_DIMS)
     parser.add_argument("--choosable", action="store_true", help="only the configs a launch may choose")
     parser.add_argument("--quick", action="store_true", help="only tests/test_sass.py's set (ignores the above)")
@@ -368,8 +387,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         variants = quick_variants()
     else:
-        variants = _tile_variants(args.dtypes, args.head_dims, args.choosable)
-        variants += _tile_variants(["fp32"], args.head_dims, False) + _other_variants(args.dtypes, args.head_dims)
+        half = [d for d in args.dtypes if d != "fp32"]
+        variants = _tile_variants(half, args.head_dims, args.choosable) + _other_variants(half, args.head_dims)
+        if "fp32" in args.dtypes:
+            variants += _tile_variants(["fp32"], args.head_dims, False)
     try:
         reports = run(variants, args.jobs, None if args.no_cache else args.cache)
     finally:

@@ -283,7 +283,10 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+# G stays a runtime value even when it is 1: specialized to 1, the loop over the group's heads folds away and ptxas
+# serializes the wgmma instructions (warning C7515) of most MHA configs, every deterministic TMA one under triton 3.6
+# (`python -m benches.sass`).
+@triton.jit(do_not_specialize=["G"])
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, COS, SIN, T, H, G, WINDOW, qk_scale, sm_scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,

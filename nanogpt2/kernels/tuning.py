@@ -17,6 +17,7 @@ from nanogpt2.kernels import _utils
 
 ALL_PATHS = ("tma", "tma+atomic", "ptr", "ptr+atomic")  # loads through TMA or pointers; dQ by atomics or not
 TMA_PATHS = ("tma", "tma+atomic")
+PTR_PATHS = ("ptr", "ptr+atomic")
 # Windows up to this many keys take tiles of at most 64 x 64 where a path has one (see `candidate_tiles`).
 SMALL_WINDOW = 256
 
@@ -37,35 +38,43 @@ class Tile(NamedTuple):
 
 
 # GPU configs for fp16/bf16 per kernel and (head-dim class: 64 for D <= 64, else 128; G > 1), best guess first
-# (NANOGPT2_AUTOTUNE=0 keeps the first). The dK/dV kernel's loop over a GQA group costs registers, so GQA has its own
-# list, and at D=128 only its deterministic TMA path fits (the other paths fall back to it, see `resolve_path`).
+# (NANOGPT2_AUTOTUNE=0 keeps the first). Each lists the paths on which it compiles for sm_90 with no spill and no
+# serialized wgmma (ptxas C7515) under triton 3.6 and 3.9, RoPE's fused epilogue on and off (`python -m benches.sass`,
+# BENCHMARKS.md). Pointer loads need 2 pipeline stages: with 3 or more, ptxas serializes the forward's and dQ's wgmma.
+# The dK/dV kernel never specializes G, so MHA and GQA compile the same and share a list; its pointer paths fit only
+# at D=64, and at D=128 only its deterministic TMA path fits (the other paths fall back to it, see `resolve_path`).
 _FWD = {
-    64: [Tile(128, 64, 4, 3), Tile(128, 128, 8, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(128, 128, 8, 2)],
-    128: [Tile(128, 64, 8, 3), Tile(128, 128, 8, 3, TMA_PATHS), Tile(64, 64, 4, 3), Tile(128, 128, 8, 2, TMA_PATHS)],
-}
-_DQ = {
-    64: [Tile(128, 64, 8, 3), Tile(128, 32, 4, 3), Tile(64, 64, 4, 3), Tile(64, 64, 4, 5)],
-    128: [Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(64, 64, 4, 5)],
-}
-TILES = {
-    "fwd": {(d, gqa): tiles for d, tiles in _FWD.items() for gqa in (False, True)},
-    "dq": {(d, gqa): tiles for d, tiles in _DQ.items() for gqa in (False, True)},
-    "dkdv": {
-        (64, False): [
-            Tile(64, 128, 8, 3), Tile(32, 128, 8, 3), Tile(64, 64, 4, 3, ("tma", "tma+atomic", "ptr")),
-            Tile(32, 64, 4, 4), Tile(64, 128, 8, 5),
-        ],
-        (64, True): [
-            Tile(64, 128, 8, 3, TMA_PATHS), Tile(32, 64, 8, 3), Tile(32, 128, 8, 3), Tile(16, 64, 4, 3),
-            Tile(64, 128, 8, 5, TMA_PATHS),
-        ],
-        (128, False): [
-            Tile(32, 64, 8, 3), Tile(32, 128, 8, 3), Tile(16, 64, 4, 3),
-            Tile(32, 64, 4, 4, ("tma", "tma+atomic", "ptr")), Tile(64, 64, 8, 3, ("tma", "ptr")),
-        ],
-        (128, True): [Tile(32, 64, 8, 3, ("tma",)), Tile(16, 64, 4, 3, ("tma",))],
-    },
+    64: [
+        Tile(128, 64, 4, 3, TMA_PATHS), Tile(128, 128, 8, 3, TMA_PATHS), Tile(128, 64, 8, 3, TMA_PATHS),
+        Tile(64, 64, 4, 3, TMA_PATHS), Tile(128, 128, 8, 2), Tile(128, 64, 8, 2, PTR_PATHS),
+        Tile(64, 64, 4, 2, PTR_PATHS),
+    ],
+    128: [
+        Tile(128, 64, 8, 3, TMA_PATHS), Tile(128, 128, 8, 3, TMA_PATHS), Tile(64, 64, 4, 3, TMA_PATHS),
+        Tile(128, 128, 8, 2, TMA_PATHS), Tile(128, 64, 8, 2, PTR_PATHS), Tile(64, 64, 4, 2, PTR_PATHS),
+    ],
 }  # fmt: skip
+_DQ = {
+    64: [
+        Tile(128, 64, 8, 3, TMA_PATHS), Tile(128, 32, 4, 3, TMA_PATHS), Tile(64, 64, 4, 3, TMA_PATHS),
+        Tile(64, 64, 4, 5, TMA_PATHS), Tile(128, 64, 8, 2, PTR_PATHS), Tile(64, 64, 4, 2, PTR_PATHS),
+    ],
+    128: [
+        Tile(128, 64, 8, 3, TMA_PATHS), Tile(64, 64, 4, 3, TMA_PATHS), Tile(64, 64, 4, 5, TMA_PATHS),
+        Tile(128, 64, 8, 2, PTR_PATHS), Tile(64, 64, 4, 2, PTR_PATHS),
+    ],
+}  # fmt: skip
+_DKDV = {
+    64: [
+        Tile(64, 128, 8, 3, TMA_PATHS), Tile(32, 128, 8, 3), Tile(64, 64, 4, 3, ("tma",)), Tile(32, 64, 4, 4, ("tma",)),
+        Tile(64, 128, 8, 5, ("tma",)), Tile(32, 64, 8, 3, ("tma", "tma+atomic", "ptr")), Tile(16, 64, 4, 3),
+    ],
+    128: [Tile(32, 64, 8, 3, ("tma",))],
+}  # fmt: skip
+TILES = {
+    kernel: {(d, gqa): tiles for d, tiles in lists.items() for gqa in (False, True)}
+    for kernel, lists in (("fwd", _FWD), ("dkdv", _DKDV), ("dq", _DQ))
+}
 # fp32 (IEEE dots on FMA units: a correctness path, not a fast one; large tiles overflow shared memory) and the
 # interpreter: one small config; BLOCK_M != BLOCK_N, so the tile bounds are also tested off the diagonal.
 SMALL_TILES = {"fwd": Tile(64, 32, 4, 2), "dkdv": Tile(32, 64, 4, 2), "dq": Tile(64, 32, 4, 2)}

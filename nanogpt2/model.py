@@ -289,7 +289,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # Two departures from GPT-2's init, for a model trained from scratch (measured in BENCHMARKS.md, issue 11):
+        # Two departures from GPT-2's init, for a model trained from scratch (BENCHMARKS.md, issues 11 and 28):
         # residual projections at zero (modded-nanogpt), so every block starts as the identity; and the tied token
         # embedding at wte_init_std, drawn last because lm_head's Linear init reinitialises it.
         for name, p in self.named_parameters():

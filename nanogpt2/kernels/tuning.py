@@ -61,7 +61,7 @@ _DQ = {
     ],
     128: [
         Tile(128, 64, 8, 3, TMA_PATHS), Tile(64, 64, 4, 3, TMA_PATHS), Tile(64, 64, 4, 5, TMA_PATHS),
-        Tile(128, 64, 8, 2, PTR_PATHS), Tile(64, 64, 4, 2, PTR_PATHS),
+        Tile(128, 64, 8, 2, PTR_PATHS),
     ],
 }  # fmt: skip
 _DKDV = {

@@ -89,14 +89,16 @@ def main(argv: list[str] | None = None) -> None:
         D, group = case[4], case[2] // case[3]
         configs, names = {}, {}
         path = PATHS[path_name]
+        # The backward runs on the path resolve_path gives (the one asked for where its dK/dV kernel has configs).
+        bwd_path = tuning.resolve_path(D, group, path["tma"], not path["deterministic"])
         for kernel in tuning.TILES:
-            if kernel == "dq" and not path["deterministic"]:
+            tma, atomic = (path["tma"], False) if kernel == "fwd" else bwd_path
+            if kernel == "dq" and atomic:
                 continue  # the atomic path has no dQ kernel
-            allowed = tuning.allowed_tiles(kernel, D, group, path["tma"], not path["deterministic"])
-            if allowed:  # none: the op falls back to a path that has configs (and autotunes it to its first)
-                tile = allowed[i % len(allowed)]
-                configs[kernel] = tile
-                names[kernel] = f"{tile.block_m}x{tile.block_n} w{tile.warps} s{tile.stages}"
+            tiles = tuning.allowed_tiles(kernel, D, group, tma, atomic)
+            tile = tiles[i % len(tiles)]
+            configs[kernel] = tile
+            names[kernel] = f"{tile.block_m}x{tile.block_n} w{tile.warps} s{tile.stages}"
         run = {"dtype": str(dtype).removeprefix("torch."), "case": case_name, "path": path_name, "configs": names}
         if time.monotonic() > deadline:
             skipped += 1

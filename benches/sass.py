@@ -3,7 +3,7 @@ H100/H200 with the ptxas bundled with the installed Triton and print registers, 
 ptxas serializes the wgmma instructions (its warning C7515: each tensor-core op then waits for the previous one),
 and whether the PTX uses Hopper's tensor-core (wgmma) and TMA (cp.async.bulk.tensor) instructions.
 
-    python -m benches.sass                        # bf16, head dims 64 and 128, every path, RoPE off and on: the table
+    python -m benches.sass                        # bf16 (and fp32's config), D=64 and 128, every path, RoPE off/on
     python -m benches.sass --head-dims 16 32 64 128 --dtypes bf16 fp16 --json sass.json
     python -m benches.sass --choosable            # only what a launch may choose
     python -m benches.sass --quick                # tests/test_sass.py's set
@@ -12,10 +12,11 @@ and whether the PTX uses Hopper's tensor-core (wgmma) and TMA (cp.async.bulk.ten
 Exit status 1 when a config a launch may choose fails to compile, spills registers or serializes wgmma (fp16/bf16),
 or a 16-bit attention kernel lacks wgmma. Kernels with a ROPE switch compile with it off and on (the fused inverse
 rotation must not cost spills either). Compiled as a launch at GPT-2's shape specializes: unit last strides, 16-byte
-aligned pointers and strides, T and the window multiples of 16 (T = 1024), G == 1 (MHA) or not (GQA).
+aligned pointers and strides, T and the window multiples of 16 (T = 1024), G == 1 (MHA: a constant, except in the
+dK/dV kernel, which never specializes it) or not (GQA).
 Works with triton 3.6 to 3.9 (the same compiler API: ASTSource with attrs, GPUTarget, TRITON_DUMP_PTXAS_LOG).
-Results are kept in a cache file per triton version, keyed by the kernels' source, so a rerun compiles only what
-changed. Run it without TRITON_INTERPRET.
+Results are kept in a cache file per triton version, keyed by the kernels' source (and line numbers, as Triton's
+own cache), so a rerun compiles only what changed. Run it without TRITON_INTERPRET.
 """
 
 import argparse

@@ -33,6 +33,8 @@ def fake_hub(folder: Path, n_train: int = 3, tokens: int = 3000) -> Path:
 
 def test_download_fetches_the_val_and_the_first_train_shards(tmp_path):
     hub = fake_hub(tmp_path / "hub")
+    with pytest.raises(DataError, match=r"no train shards in .*download them with `python -m nanogpt2.prepare fineweb"):
+        open_corpus("fineweb10B", root=tmp_path / "data")
     paths = fineweb.download(tmp_path / "data" / "fineweb10B", 2, hub)
     assert [p.name for p in paths] == ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
     assert sorted(p.name for p in (tmp_path / "data" / "fineweb10B").iterdir()) == sorted(p.name for p in paths)

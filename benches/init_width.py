@@ -1,10 +1,10 @@
 """Initialisations compared at GPT-2's width on a CPU: val loss after a short Shakespeare run, for several seeds.
 
-    python -m benches.init_width                           # 4 layers x 768, 200 steps of 8 x 128 tokens, 3 seeds
+    python -m benches.init_width                           # 4 layers x 768, 120 steps of 4 x 64 tokens, 3 seeds
     python -m benches.init_width --steps 2 --seeds 1 --json out.json   # checks the code only
 
 Issue 28's measurement: a `gpt2`-wide model (4 of its 12 layers, so that a CPU runs it) trained with the CPU recipe
-(AdamW lr 1e-3, 20 warmup steps, cosine to 1e-4, weight decay 0.1, clip 1.0, shuffled windows) from each init:
+(AdamW lr 1e-3, 12 warmup steps, cosine to 1e-4, weight decay 0.1, clip 1.0, shuffled windows) from each init:
 - `gpt2`: GPT-2's (nanoGPT's): every matrix and embedding at std 0.02, the residual projections at 0.02 / sqrt(2L);
 - `sqrt`: issue 11's rule: residual projections at zero, the tied embedding at 0.04 * sqrt(256 / width);
 - `default`: model.py's GPT init as committed (wte_init_std).
@@ -85,12 +85,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds first-seed, first-seed + 1, ... (default: 3)")
     p.add_argument("--first-seed", type=int, default=1337, help="(default: 1337)")
     p.add_argument("--n-layer", type=int, default=4, help="layers at gpt2's width 768 (default: 4)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument("--steps", type=int, default=120, help="optimizer steps (default: 120)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    p.add_argument("--warmup", type=int, default=20, help="warmup steps (default: 20)")
-    p.add_argument("--eval-every", type=int, default=50, help="val loss every N steps (default: 50)")
+    p.add_argument("--warmup", type=int, default=12, help="warmup steps (default: 12)")
+    p.add_argument("--eval-every", type=int, default=40, help="val loss every N steps (default: 40)")
     p.add_argument("--eval-batches", type=int, default=8, help="val batches of --batch x --seq-len (default: 8)")
     p.add_argument("--json", type=Path, help="append each run's result to this JSON-lines file")
     args = p.parse_args()

@@ -12,13 +12,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nanogpt2.config import MODEL_FIELDS
+from nanogpt2.config import DEVICE_DEFAULTS, MODEL_FIELDS
 from variant_study.plan import REPO
 
 
 def made_by(run_dir: Path, cmd: list[str]) -> bool:
     """Whether the run in run_dir was started by this train.py command line (wherever its directory now is): every
-    flag given as recorded, and every model flag not given left at its default (unset)."""
+    flag given as recorded, and every model flag not given left at its default (unset, or the device's default: the
+    study trains on the CPU)."""
     try:
         recorded = json.loads((run_dir / "run.json").read_text())["train_config"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -28,7 +29,7 @@ def made_by(run_dir: Path, cmd: list[str]) -> bool:
     wanted.pop("out_dir")
     unset = [name for name in MODEL_FIELDS if name not in wanted]
     return all(str(recorded.get(name)) == value for name, value in wanted.items()) and all(
-        recorded.get(name) is None for name in unset
+        recorded.get(name) in (None, DEVICE_DEFAULTS["cpu"].get(name)) for name in unset
     )
 
 

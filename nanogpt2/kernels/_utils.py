@@ -37,17 +37,19 @@ def check_inputs(**tensors: torch.Tensor) -> None:
     """Raise ValueError unless the named (B, T, heads, D) tensors share one dtype of DTYPES and one usable device, and
     each has a unit last stride (the other strides are free)."""
     values = tensors.values()
-    if any(t.dim() != 4 for t in values):
-        shapes = ", ".join(str(tuple(t.shape)) for t in values)
-        raise ValueError(f"{', '.join(tensors)} must be (B, T, heads, D), got {shapes}")
-    dtypes = {t.dtype for t in values}
-    if len(dtypes) != 1 or not dtypes <= set(DTYPES):
-        got = ", ".join(str(t.dtype) for t in values)
-        raise ValueError(f"{', '.join(tensors)} must share one dtype among {DTYPES}, got {got}")
+    dtype = next(iter(values)).dtype
+    for t in values:
+        if t.dim() != 4:
+            shapes = ", ".join(str(tuple(t.shape)) for t in values)
+            raise ValueError(f"{', '.join(tensors)} must be (B, T, heads, D), got {shapes}")
+        if t.dtype != dtype or dtype not in DTYPES:
+            got = ", ".join(str(t.dtype) for t in values)
+            raise ValueError(f"{', '.join(tensors)} must share one dtype among {DTYPES}, got {got}")
     for name, t in tensors.items():
-        if t.stride(3) != 1:
-            raise ValueError(f"{name} must have a unit last stride, got strides {t.stride()}")
-        if t.stride(1) >= MAX_ROW_STRIDE:
+        strides = t.stride()
+        if strides[3] != 1:
+            raise ValueError(f"{name} must have a unit last stride, got strides {strides}")
+        if strides[1] >= MAX_ROW_STRIDE:
             raise ValueError(
                 f"{name} has a row (T) stride of {t.stride(1)} elements; the kernels take up to {MAX_ROW_STRIDE - 1} "
                 "(offsets inside a tile are 32-bit): pass a (B, T, heads, D)-contiguous tensor"

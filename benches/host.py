@@ -5,8 +5,9 @@
 Runs the real path from the public functions down to the launch with a fake sm_90 driver (benches/fake_driver.py:
 Triton's front end runs, compiled kernels are no-op launches that read every tensor's address) at GPT-2's shape
 (16 x 1024, 12 heads of 64, bf16): attention forward; forward + backward for MHA, GQA (4 KV heads) and a window of 256;
-the model's packed q/k/v with RoPE; RoPE alone. CPU tensors stand in for CUDA ones; glibc is asked to keep freed
-memory (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_) so an allocation costs about what a cached CUDA one does.
+the model's packed q/k/v with RoPE; RoPE alone. CPU tensors stand in for CUDA ones; glibc keeps freed
+memory in its heap (runtime.keep_freed_memory, as train.py on CPU) so an allocation costs about what a cached CUDA
+one does instead of an mmap and munmap per call.
 Each figure is the median over repeats of the mean over many calls, after a warm-up that chooses and keeps every
 config; wall time, and this thread's CPU time (what the call costs without other processes in the way).
 `--compile`: also traces a tiny GPT (learned positions; RoPE + GQA + window) with torch.compile(fullgraph=True) on
@@ -17,17 +18,8 @@ Targets (issue 25, on our 2-core machines): forward <= 25 us, forward + backward
 """
 
 import os
-import sys
 
-# glibc reads these at start: run again with them set. Every block comes from the heap (no mmap), which is never
-# trimmed, so freeing and allocating a (16, 1024, 12, 64) tensor reuses memory as CUDA's caching allocator would,
-# instead of an mmap and munmap per call.
-_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
-if any(os.environ.get(name) != value for name, value in _MALLOC.items()):
-    os.environ.update(_MALLOC)
-    os.execv(sys.executable, [sys.executable, "-m", "benches.host", *sys.argv[1:]])
-
-from benches import fake_driver  # noqa: E402  (before the kernels are defined)
+from benches import fake_driver  # before the kernels are defined
 
 fake_driver.accept_cpu_tensors()
 
@@ -41,6 +33,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from nanogpt2.kernels import apply_rope, attention, flash_attention, flash_attention_packed  # noqa: E402
+from nanogpt2.runtime import keep_freed_memory  # noqa: E402
 
 B, T, H, D = 16, 1024, 12, 64
 TARGETS_US = {"fwd": 25.0, "fwd+bwd": 120.0, "rope fwd+bwd": 50.0}  # None: reported beside attention + RoPE
@@ -153,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="few calls: counts are exact, times rough (tests)")
     parser.add_argument("--compile", action="store_true", help="also check the torch.compile path")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     calls, repeats = (5, 1) if args.quick else (200, 7)
     print(f"host path at B={B} T={T} H={H} D={D} bf16, fake sm_90 driver, torch {torch.__version__}")
     print(f"{'case':<30} {'us/call':>8} {'cpu us':>7} {'launches':>9} {'fills':>6}  target (wall)")

@@ -499,8 +499,9 @@ def _backward(
     starts = launcher.aligned((q, k, v, do), traced)
     use_tma = tma and _utils.tma_compatible((q, k, v, do), starts)
     if not _utils.INTERPRET and q.dtype != torch.float32:  # 16-bit on a GPU: only the listed configs
+        checked = use_tma  # addressable, when TMA was asked for and possible
         use_tma, atomic = tuning.resolve_path(D, G, use_tma, atomic)
-        if use_tma and not _utils.tma_compatible((q, k, v, do), starts):  # its only path loads through TMA
+        if use_tma and not checked and not _utils.tma_compatible((q, k, v, do), starts):  # its only path is TMA
             q, k, v, do = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v, do))
             starts = (True,) * 4
     if use_tma:

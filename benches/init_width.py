@@ -7,7 +7,10 @@ Issue 28's measurement: a `gpt2`-wide model (4 of its 12 layers, so that a CPU r
 (AdamW lr 1e-3, 12 warmup steps, cosine to 1e-4, weight decay 0.1, clip 1.0, shuffled windows) from each init:
 - `gpt2`: GPT-2's (nanoGPT's): every matrix and embedding at std 0.02, the residual projections at 0.02 / sqrt(2L);
 - `sqrt`: issue 11's rule: residual projections at zero, the tied embedding at 0.04 * sqrt(256 / width);
-- `default`: model.py's GPT init as committed (wte_init_std).
+- `width`: issue 28's first rule: residual projections at zero, the embedding at 0.04 * min(sqrt(256 / w), 256 / w);
+- `gpt2-wte`, `gpt2-proj`: GPT-2's init in two halves over `width`: its 0.02 embedding alone (residual projections
+  at zero), or its residual projections alone (the embedding at `width`'s std);
+- `default`: model.py's init as committed (init_stds), drawn as the model is built.
 The same seed draws the same batches for every init. Speed is not measured: the CPU is shared.
 """
 
@@ -23,19 +26,29 @@ import torch.nn as nn
 from nanogpt2.model import GPT, GPTConfig
 from nanogpt2.prepare import open_corpus
 
-INITS = ("gpt2", "sqrt", "default")
+INITS = ("gpt2", "sqrt", "width", "gpt2-wte", "gpt2-proj", "default")
+WTE_STD = {  # the tied embedding's std for each init but `default`, at width w
+    "gpt2": lambda w: 0.02,
+    "sqrt": lambda w: 0.04 * math.sqrt(256 / w),
+    "width": lambda w: 0.04 * min(math.sqrt(256 / w), 256 / w),
+    "gpt2-wte": lambda w: 0.02,
+    "gpt2-proj": lambda w: 0.04 * min(math.sqrt(256 / w), 256 / w),
+}
 
 
 def reinit(model: GPT, init: str) -> None:
-    """Redraw what `init` changes on a model built with the default init (its other weights stay as drawn)."""
+    """Redraw the residual projections and the tied embedding of a built model as `init` draws them (every other
+    matrix and embedding stays at the 0.02 every init shares); `default` keeps the model as built."""
+    if init == "default":
+        return
     cfg = model.config
-    if init == "gpt2":
-        for name, p in model.named_parameters():
-            if name.endswith("c_proj.weight"):
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            if init in ("gpt2", "gpt2-proj"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        nn.init.normal_(model.transformer.wte.weight, std=0.02)
-    elif init == "sqrt":
-        nn.init.normal_(model.transformer.wte.weight, std=0.04 * math.sqrt(256 / cfg.n_embd))
+            else:
+                nn.init.zeros_(p)
+    nn.init.normal_(model.transformer.wte.weight, std=WTE_STD[init](cfg.n_embd))
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:

@@ -258,11 +258,21 @@ def check_attn_impl(config: GPTConfig, attn_impl: str) -> None:
             raise ValueError(f"attn_impl='triton' needs a head dim in {SUPPORTED_HEAD_DIMS}, got {config.head_dim}")
 
 
-def wte_init_std(n_embd: int) -> float:
-    """The tied token embedding's init std: 0.04 at width 256 (measured, BENCHMARKS.md), and elsewhere the largest std
-    that keeps two initial logits at their width-256 scale or below: the spread of a token's logits for other tokens,
-    std * sqrt(width), and its logit for itself, about std * width (its embedding against its own normalised copy)."""
-    return 0.04 * min(math.sqrt(256 / n_embd), 256 / n_embd)
+# Widths up to this start with issue 11's init, wider ones with GPT-2's: each won where it was measured (256 and 768).
+SMALL_INIT_MAX_WIDTH = 256
+
+
+def init_stds(config: GPTConfig) -> tuple[float, float]:
+    """(tied token embedding std, residual projections' std) at init; every other matrix and embedding gets 0.02.
+
+    Widths above SMALL_INIT_MAX_WIDTH: GPT-2's init, (0.02, 0.02 / sqrt(2 * n_layer)). At widths up to it, issue 11's:
+    residual projections at zero, so every block starts as the identity (modded-nanogpt), and the embedding at
+    0.04 * sqrt(256 / width), 0.04 at 256. Measured (BENCHMARKS.md): issue 11's trained better at width 256, GPT-2's at
+    768, where issue 11's (or any init whose blocks start as the identity) starts far above ln(vocab) unless its
+    embedding shrinks, and a shrunk embedding trained worse. Between 256 and 768 nothing was measured."""
+    if config.n_embd > SMALL_INIT_MAX_WIDTH:
+        return 0.02, 0.02 / math.sqrt(2 * config.n_layer)
+    return 0.04 * math.sqrt(SMALL_INIT_MAX_WIDTH / config.n_embd), 0.0
 
 
 class GPT(nn.Module):
@@ -289,13 +299,13 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # Two departures from GPT-2's init, for a model trained from scratch (BENCHMARKS.md, issues 11 and 28):
-        # residual projections at zero (modded-nanogpt), so every block starts as the identity; and the tied token
-        # embedding at wte_init_std, drawn last because lm_head's Linear init reinitialises it.
+        # The residual projections and the tied embedding at init_stds (the embedding drawn last, because lm_head's
+        # Linear init redraws it).
+        wte_std, c_proj_std = init_stds(config)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.zeros_(p)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=wte_init_std(config.n_embd))
+                nn.init.normal_(p, mean=0.0, std=c_proj_std) if c_proj_std else nn.init.zeros_(p)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=wte_std)
 
     @staticmethod
     def _init_weights(module):

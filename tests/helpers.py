@@ -108,6 +108,17 @@ def assert_bad_input(result: subprocess.CompletedProcess, message: str, unchange
         assert snapshot(folder) == before, f"{folder} changed"
 
 
+def assert_same_model(ckpt: dict, reference: dict, step: int):
+    """Two checkpoints at `step` hold bitwise-equal weights; a failure names each differing tensor and by how much."""
+    assert ckpt["step"] == reference["step"] == step, (ckpt["step"], reference["step"])
+    differ = {
+        k: (v.double() - reference["model"][k].double()).abs().max().item()
+        for k, v in ckpt["model"].items()
+        if not torch.equal(v, reference["model"][k])
+    }
+    assert not differ, f"{len(differ)} of {len(ckpt['model'])} tensors differ (max |diff|): {differ}"
+
+
 def assert_matches_ref(out, ref, ref_lowp, factor=2.0, atol=1e-3, fp32_atol=1e-5, fp32_rtol=0.0):
     """Flash-attention's criterion: |out - ref| <= factor * |ref_lowp - ref| + atol (max norms) in fp16/bf16,
     where ref is computed in float64 and ref_lowp in out's dtype; in fp32, |out - ref| <= fp32_atol + fp32_rtol *
@@ -123,8 +134,8 @@ def assert_matches_ref(out, ref, ref_lowp, factor=2.0, atol=1e-3, fp32_atol=1e-5
 
 
 def randomize_residual_projections(model) -> None:
-    """Random c_proj weights: GPT initialises them to zero, which would keep attention out of the loss and of the
-    gradients of everything before it."""
+    """Random c_proj weights: GPT initialises them to zero at the tests' small widths, which would keep attention out
+    of the loss and of the gradients of everything before it."""
     for name, p in model.named_parameters():
         if name.endswith("c_proj.weight"):
             torch.nn.init.normal_(p, std=0.02)

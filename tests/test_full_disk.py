@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, assert_bad_input
+from helpers import REPO, assert_bad_input, assert_same_model
 
 INJECT = """
 import builtins, errno, io, os, runpy, sys
@@ -110,8 +110,7 @@ def test_a_failed_write_keeps_the_last_checkpoint_and_names_the_errno(
     if saved < 4:  # the resumed run ends bitwise where the uninterrupted one did
         resumed = train(tmp_path, "--resume", "out")
         assert resumed.returncode == 0, resumed.stderr
-    final, reference = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, uninterrupted))
-    assert final["step"] == 4 and all(torch.equal(final["model"][k], reference["model"][k]) for k in final["model"])
+    assert_same_model(*(torch.load(d / "ckpt.pt", weights_only=True) for d in (out, uninterrupted)), step=4)
 
 
 @pytest.mark.slow
@@ -156,5 +155,4 @@ def test_a_real_full_disk_keeps_the_last_checkpoint(tmp_path, small_filesystem, 
     shutil.copytree(out, moved)  # resumed where there is room
     resumed = train(tmp_path, "--resume", str(moved))
     assert resumed.returncode == 0, resumed.stderr
-    final, reference = (torch.load(d / "ckpt.pt", weights_only=True) for d in (moved, uninterrupted))
-    assert final["step"] == 4 and all(torch.equal(final["model"][k], reference["model"][k]) for k in final["model"])
+    assert_same_model(*(torch.load(d / "ckpt.pt", weights_only=True) for d in (moved, uninterrupted)), step=4)

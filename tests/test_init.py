@@ -61,4 +61,5 @@ def test_wide_models_start_with_gpt2s_init():
     for name, p in GPT(config).named_parameters():
         if p.dim() == 2:
             expected = 0.02 / math.sqrt(6) if name.endswith("c_proj.weight") else 0.02
-            assert abs(p.std().item() / expected - 1) < 0.02, f"{name}: std {p.std().item():.4g}, expected {expected:.4g}"
+            std = p.std().item()
+            assert abs(std / expected - 1) < 0.02, f"{name}: std {std:.4g}, expected {expected:.4g}"

@@ -2,6 +2,7 @@
 
     python -m benches.init_width                           # 4 layers x 768, 120 steps of 4 x 64 tokens, 3 seeds
     python -m benches.init_width --steps 2 --seeds 1 --json out.json   # checks the code only
+    python -m benches.init_width --initial-loss            # every preset's initial loss, as built, at full depth
 
 Issue 28's measurement: a `gpt2`-wide model (4 of its 12 layers, so that a CPU runs it) trained with the CPU recipe
 (AdamW lr 1e-3, 12 warmup steps, cosine to 1e-4, weight decay 0.1, clip 1.0, shuffled windows) from each init:
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from nanogpt2.model import GPT, GPTConfig
+from nanogpt2.model import GPT, PRESETS, GPTConfig, init_stds
 from nanogpt2.prepare import open_corpus
 
 INITS = ("gpt2", "sqrt", "width", "gpt2-wte", "gpt2-proj", "default")
@@ -92,6 +93,30 @@ def run(init: str, seed: int, args: argparse.Namespace, corpus) -> dict:
     return {"init": init, "seed": seed, "val_loss": losses}
 
 
+def initial_losses(json_path: Path | None) -> None:
+    """Every preset's initial loss as GPT() builds it, at full depth, forward only, on 4 windows of 64 tokens spread
+    over Shakespeare's val split, seed 0: tests/test_init.py's measurement, for the presets too big for the suite."""
+    val = open_corpus("shakespeare").val
+    stride = (val.n_tokens - 65) // 4
+    windows = torch.stack([torch.from_numpy(val.read(i * stride, 65)) for i in range(4)])  # (4, 65)
+    rows = []
+    print("| preset | width x layers | embedding std | residual projections' std | initial loss | ln(vocab) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for preset in PRESETS:
+        torch.manual_seed(0)
+        config = GPTConfig.from_preset(preset)
+        T = min(64, config.block_size)
+        with torch.no_grad():
+            _, loss = GPT(config)(windows[:, :T], windows[:, 1 : T + 1])
+        wte_std, c_proj_std = init_stds(config)
+        row = dict(preset=preset, n_embd=config.n_embd, n_layer=config.n_layer, wte_std=wte_std, c_proj_std=c_proj_std)
+        rows.append(row | {"initial_loss": loss.item(), "ln_vocab": math.log(config.vocab_size)})
+        print(f"| `{preset}` | {config.n_embd} x {config.n_layer} | {wte_std:.4f} | {c_proj_std:.4f} | "
+              f"{loss.item():.3f} | {math.log(config.vocab_size):.3f} |", flush=True)  # fmt: skip
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS, help="inits to train (default: all)")
@@ -105,8 +130,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=12, help="warmup steps (default: 12)")
     p.add_argument("--eval-every", type=int, default=40, help="val loss every N steps (default: 40)")
     p.add_argument("--eval-batches", type=int, default=8, help="val batches of --batch x --seq-len (default: 8)")
-    p.add_argument("--json", type=Path, help="append each run's result to this JSON-lines file")
+    p.add_argument("--json", type=Path, help="append each run's result to this JSON-lines file (--initial-loss: "
+                   "write its rows as one JSON list)")  # fmt: skip
+    p.add_argument("--initial-loss", action="store_true", help="print every preset's initial loss instead of training")
     args = p.parse_args()
+    if args.initial_loss:
+        initial_losses(args.json)
+        return
     corpus = open_corpus("shakespeare")
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for init in args.inits:

@@ -267,9 +267,10 @@ def init_stds(config: GPTConfig) -> tuple[float, float]:
 
     Widths above SMALL_INIT_MAX_WIDTH: GPT-2's init, (0.02, 0.02 / sqrt(2 * n_layer)). At widths up to it, issue 11's:
     residual projections at zero, so every block starts as the identity (modded-nanogpt), and the embedding at
-    0.04 * sqrt(256 / width), 0.04 at 256. Measured (BENCHMARKS.md): issue 11's trained better at width 256, GPT-2's at
-    768, where issue 11's (or any init whose blocks start as the identity) starts far above ln(vocab) unless its
-    embedding shrinks, and a shrunk embedding trained worse. Between 256 and 768 nothing was measured."""
+    0.04 * sqrt(256 / width), 0.04 at 256. Measured (BENCHMARKS.md): issue 11's init trained better at width 256. At
+    768 it starts at a loss of 13.2 (with identity blocks, a token's logit for itself grows with the width), and
+    shrinking its embedding to fix that trained worse than GPT-2's init, which starts near ln(vocab) at every width
+    because its random blocks dilute that logit. Between 256 and 768 nothing was measured."""
     if config.n_embd > SMALL_INIT_MAX_WIDTH:
         return 0.02, 0.02 / math.sqrt(2 * config.n_layer)
     return 0.04 * math.sqrt(SMALL_INIT_MAX_WIDTH / config.n_embd), 0.0

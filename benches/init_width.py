@@ -93,26 +93,35 @@ def run(init: str, seed: int, args: argparse.Namespace, corpus) -> dict:
     return {"init": init, "seed": seed, "val_loss": losses}
 
 
-def initial_losses(json_path: Path | None) -> None:
-    """Every preset's initial loss as GPT() builds it, at full depth, forward only, on 4 windows of 64 tokens spread
-    over Shakespeare's val split, seed 0: tests/test_init.py's measurement, for the presets too big for the suite."""
+def shakespeare_windows() -> torch.Tensor:
+    """4 windows of 65 tokens spread over Shakespeare's val split (4, 65)."""
     val = open_corpus("shakespeare").val
     stride = (val.n_tokens - 65) // 4
-    windows = torch.stack([torch.from_numpy(val.read(i * stride, 65)) for i in range(4)])  # (4, 65)
-    rows = []
+    return torch.stack([torch.from_numpy(val.read(i * stride, 65)) for i in range(4)])
+
+
+def initial_loss(preset: str, windows: torch.Tensor) -> float:
+    """The preset's loss as GPT() builds it (seed 0), at full depth, forward only, on up to 64 tokens of each window."""
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset(preset)
+    T = min(64, config.block_size)
+    with torch.no_grad():
+        return GPT(config)(windows[:, :T], windows[:, 1 : T + 1])[1].item()
+
+
+def initial_losses(json_path: Path | None) -> None:
+    """Every preset's initial_loss on shakespeare_windows: tests/test_init.py's measurement, for the presets too big
+    for the suite as well."""
+    windows, rows = shakespeare_windows(), []
     print("| preset | width x layers | embedding std | residual projections' std | initial loss | ln(vocab) |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for preset in PRESETS:
-        torch.manual_seed(0)
-        config = GPTConfig.from_preset(preset)
-        T = min(64, config.block_size)
-        with torch.no_grad():
-            _, loss = GPT(config)(windows[:, :T], windows[:, 1 : T + 1])
+        config, loss = GPTConfig.from_preset(preset), initial_loss(preset, windows)
         wte_std, c_proj_std = init_stds(config)
         row = dict(preset=preset, n_embd=config.n_embd, n_layer=config.n_layer, wte_std=wte_std, c_proj_std=c_proj_std)
-        rows.append(row | {"initial_loss": loss.item(), "ln_vocab": math.log(config.vocab_size)})
+        rows.append(row | {"initial_loss": loss, "ln_vocab": math.log(config.vocab_size)})
         print(f"| `{preset}` | {config.n_embd} x {config.n_layer} | {wte_std:.4f} | {c_proj_std:.4f} | "
-              f"{loss.item():.3f} | {math.log(config.vocab_size):.3f} |", flush=True)  # fmt: skip
+              f"{loss:.3f} | {math.log(config.vocab_size):.3f} |", flush=True)  # fmt: skip
     if json_path:
         json_path.write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -12,16 +12,13 @@ import math
 import pytest
 import torch
 
+from benches.init_width import initial_loss, shakespeare_windows
 from nanogpt2.model import GPT, PRESETS, SMALL_INIT_MAX_WIDTH, GPTConfig, init_stds
-from nanogpt2.prepare import open_corpus
 
 
 @pytest.fixture(scope="module")
 def shakespeare_val() -> torch.Tensor:
-    """4 windows of 65 tokens spread over Shakespeare's val split (4, 65)."""
-    val = open_corpus("shakespeare").val
-    stride = (val.n_tokens - 65) // 4
-    return torch.stack([torch.from_numpy(val.read(i * stride, 65)) for i in range(4)])
+    return shakespeare_windows()
 
 
 SUITE_PRESETS = [p for p in PRESETS if p not in ("gpt2-large", "gpt2-xl")]
@@ -33,12 +30,8 @@ PRESET_PARAMS = [
 @pytest.mark.parametrize("preset", PRESET_PARAMS)
 def test_initial_loss_is_near_uniform(preset, shakespeare_val):
     """Within 0.5 of ln(vocab): the init before issue 28 started gpt2 at 13.2 and gpt2-rope at 17.2."""
-    torch.manual_seed(0)
-    config = GPTConfig.from_preset(preset)
-    T = min(64, config.block_size)
-    with torch.no_grad():
-        _, loss = GPT(config)(shakespeare_val[:, :T], shakespeare_val[:, 1 : T + 1])
-    assert abs(loss.item() - math.log(config.vocab_size)) <= 0.5, f"{preset}: initial loss {loss.item():.3f}"
+    loss = initial_loss(preset, shakespeare_val)
+    assert abs(loss - math.log(GPTConfig.from_preset(preset).vocab_size)) <= 0.5, f"{preset}: initial loss {loss:.3f}"
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
